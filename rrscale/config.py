@@ -1,0 +1,425 @@
+"""The experiment schema: one YAML file describes one experiment (and optionally a sweep).
+
+This module is the only place that knows the YAML layout. Everything downstream receives
+typed pydantic objects. Every invalid input becomes a :class:`ConfigError` whose message is
+one line naming the file, the dotted path and what was expected, so the CLI can print it and
+exit with code 2 before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASET_NAMES = (
+    "cifar10",
+    "cifar100",
+    "cifar100-20",
+    "stl10",
+    "svhn",
+    "imagefolder",
+    "parquet",
+    "synthetic",
+    "moons",
+    "circles",
+)
+BACKBONE_NAMES = ("conv4", "resnet8", "resnet32", "resnet56", "resnet18", "resnet34", "mlp")
+AGGREGATION_NAMES = ("cat", "sum", "mean", "max")
+DATA_ROOT_ENV = "RRSCALE_DATA_ROOT"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; ``str(err)`` is the one line to print."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from. ``root`` empty means ``$RRSCALE_DATA_ROOT`` or a download."""
+
+    name: Literal[DATASET_NAMES] = "cifar10"  # type: ignore[valid-type]
+    root: str = ""
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    download: bool = True
+    synthetic_size: int = Field(2000, ge=10, description="train images of the synthetic set")
+    knn_subset: int = Field(2000, ge=0, description="labelled images used by the per-epoch kNN")
+    probe_name: Literal[DATASET_NAMES] | None = None  # type: ignore[valid-type]
+    probe_root: str = ""
+
+    @field_validator("root", "probe_root")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return os.path.expanduser(v) if v else v
+
+
+class BackboneConfig(_Section):
+    """Feature extractor; ``stem``/``norm`` are explicit so nothing changes by dataset name."""
+
+    name: Literal[BACKBONE_NAMES] = "conv4"  # type: ignore[valid-type]
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    norm: Literal["batch", "group", "none"] = "batch"
+    mlp_width: int = Field(128, ge=1)
+    mlp_depth: int = Field(3, ge=1)
+
+
+class RelationalConfig(_Section):
+    """Relational reasoning (Patacchiola & Storkey 2020); defaults are the paper's."""
+
+    name: Literal["relational"] = "relational"
+    K: int = Field(32, ge=2)
+    aggregation: Literal[AGGREGATION_NAMES] = "cat"  # type: ignore[valid-type]
+    head_width: int = Field(256, ge=1)
+    head_depth: int = Field(1, ge=1)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    focal_alpha: float | None = Field(0.5, ge=0.0, le=1.0)
+
+
+class SGLDConfig(_Section):
+    """Persistent SGLD for GEDI's generative term; defaults follow JEM."""
+
+    steps: int = Field(20, ge=1)
+    step_size: float = Field(1.0, gt=0.0)
+    noise: float = Field(0.01, ge=0.0)
+    buffer_size: int = Field(10000, ge=1)
+    reinit_prob: float = Field(0.05, ge=0.0, le=1.0)
+    data_noise: float = Field(0.03, ge=0.0)
+    batch_size: int = Field(0, ge=0, description="samples per step; 0 = the training batch size")
+
+
+class GediConfig(_Section):
+    """GEDI (Sansone & Manhaeve 2024); unknown author values are explicit defaults here."""
+
+    name: Literal["gedi"] = "gedi"
+    K: int = Field(2, ge=2, le=2)
+    clusters: int = Field(2048, ge=2)
+    tau: float = Field(0.1, gt=0.0)
+    beta: float = Field(0.1, ge=0.0)
+    lambda_gen: float = Field(1.0, ge=0.0)
+    projector_width: int = Field(2048, ge=1)
+    divergence_limit: float = Field(1.0e4, gt=0.0)
+    sgld: SGLDConfig = Field(default_factory=SGLDConfig)
+
+
+MethodConfig = Annotated[Union[RelationalConfig, GediConfig], Field(discriminator="name")]
+
+
+class ViewsConfig(_Section):
+    """The RR augmentation recipe; strengths are search axes (methods.md §3)."""
+
+    crop_min_scale: float = Field(0.08, gt=0.0, le=1.0)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    jitter: float = Field(0.8, ge=0.0, le=1.0)
+    hue: float = Field(0.2, ge=0.0, le=0.5)
+    jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
+    gray_prob: float = Field(0.2, ge=0.0, le=1.0)
+    noise: float = Field(0.05, ge=0.0, description="std of the Gaussian views of vector data")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(0.001, gt=0.0)
+    seed: int = 1
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["none", "cosine"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = Field(1, ge=1)
+    knn_every: int = Field(1, ge=0, description="epochs between kNN evaluations; 0 = never")
+    steps_per_epoch: int = Field(0, ge=0, description="cap on steps per epoch; 0 = full pass")
+    progress: bool = True
+
+
+class ProbeConfig(_Section):
+    """Linear evaluation protocol of the paper, plus the kNN monitor."""
+
+    epochs: int = Field(100, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.001, gt=0.0)
+    knn_k: int = Field(200, ge=1)
+    knn_temperature: float = Field(0.07, gt=0.0)
+
+
+class ScalingConfig(_Section):
+    """Maps onto Ray Train's ScalingConfig; ``num_workers: 0`` runs the loop in-process."""
+
+    num_workers: int = Field(0, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, ge=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    max_failures: int = Field(2, ge=0)
+    storage_path: str = ""
+
+
+class SearchAxis(_Section):
+    """One search dimension: exactly one of choice/uniform/loguniform/int, optionally gated."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[builtins.int, builtins.int] | None = Field(None, alias="int")
+    log: bool = False
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "SearchAxis":
+        kinds = [k for k in _AXIS_KINDS if getattr(self, _AXIS_KINDS[k]) is not None]
+        if len(kinds) != 1:
+            raise ValueError("exactly one of choice, uniform, loguniform, int")
+        if self.choice is not None and not self.choice:
+            raise ValueError("a non-empty choice list")
+        for k in ("uniform", "loguniform", "int"):
+            rng = getattr(self, _AXIS_KINDS[k])
+            if rng is not None and not rng[0] <= rng[1]:
+                raise ValueError(f"{k}: [low, high] with low <= high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: a positive low bound")
+        if self.log and self.integer is not None and self.integer[0] <= 0:
+            raise ValueError("int with log: a positive low bound")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The YAML name of this axis' distribution: choice, uniform, loguniform or int."""
+        return next(k for k, attr in _AXIS_KINDS.items() if getattr(self, attr) is not None)
+
+    @property
+    def bounds(self) -> tuple[Any, Any] | None:
+        return None if self.choice is not None else getattr(self, _AXIS_KINDS[self.kind])
+
+    def extremes(self) -> list[Any]:
+        """Values that must each give a valid experiment (every choice, both range ends)."""
+        return list(self.choice) if self.choice is not None else list(self.bounds or ())
+
+
+_AXIS_KINDS = {"choice": "choice", "uniform": "uniform", "loguniform": "loguniform", "int": "integer"}
+
+
+class TuneConfig(_Section):
+    num_samples: int = Field(8, ge=1)
+    metric: str = "probe_top1"
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int = Field(0, ge=0, description="0 = as many as resources allow")
+    scheduler: Literal["asha", "none"] = "asha"
+    schedule_metric: str = "knn_top1"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    seed: int = 0
+    name: str = ""
+    storage_path: str = ""
+    num_cpus: int = Field(0, ge=0, description="CPUs of a local Ray started by rrscale; 0 = all")
+    dashboard: bool = True
+
+
+class MlflowConfig(_Section):
+    experiment: str = "rrscale"
+    tracking_uri: str = ""
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    method: MethodConfig = Field(default_factory=RelationalConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    search: dict[str, SearchAxis] = Field(default_factory=dict)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method_name(cls, data: Any) -> Any:
+        """A method section without ``name`` means the default method, relational reasoning."""
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "relational", **data["method"]}}
+        return data
+
+    def training_dict(self) -> dict[str, Any]:
+        """The part that determines a training run (no search/tune/mlflow/scaling)."""
+        return self.model_dump(mode="json", exclude={"search", "tune", "mlflow", "scaling"})
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.training_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": v}``; used for MLflow params and search paths."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Assign ``value`` at ``a.b.c`` inside nested dict ``d``, creating sections as needed."""
+    keys = dotted.split(".")
+    node = d
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
+    """``"a.b=3"`` -> ``("a.b", 3)``; the value is read as YAML so types come out right."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{source}: '{text}': expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    loc = [str(p) for p in err.get("loc", ())]
+    # Discriminated unions put the tag in the location; it is not a key the user wrote.
+    loc = [p for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "method" and p in ("relational", "gedi"))]
+    path = ".".join(loc) or "(top level)"
+    kind = err.get("type", "")
+    msg = str(err.get("msg", ""))
+    if kind == "extra_forbidden":
+        return path, "unknown key"
+    if kind == "union_tag_invalid":
+        return path + ".name", "one of 'relational', 'gedi'"
+    if kind == "union_tag_not_found":
+        return path + ".name", "a method name: 'relational' or 'gedi'"
+    msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
+    if msg.startswith(("greater", "less")):
+        msg = "a number " + msg
+    return path, msg
+
+
+def _known_keys(model: type[BaseModel], loc: list[str], data: dict[str, Any]) -> list[str]:
+    """Names allowed at the parent of an unknown key, for the error line."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        ann = fields[part].annotation
+        if part == "method":
+            name = (data.get("method") or {}).get("name", "relational")
+            ann = GediConfig if name == "gedi" else RelationalConfig
+        current = ann
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
+    """Validate a raw mapping; raise :class:`ConfigError` naming ``source`` on the first problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path, expected = _describe(err)
+        if err.get("type") == "extra_forbidden":
+            loc = [str(p) for p in err["loc"] if p not in ("relational", "gedi")]
+            known = _known_keys(ExperimentConfig, loc, data)
+            hint = f"; expected one of: {', '.join(known)}" if known else ""
+            raise ConfigError(f"{source}: {path}: unknown key{hint}") from None
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        raise ConfigError(f"{source}: {path}: expected {expected}{shown}") from None
+    _check_search(cfg, data, source)
+    return cfg
+
+
+def _check_search(cfg: ExperimentConfig, data: dict[str, Any], source: str) -> None:
+    """Each axis must name a real key, and each extreme value must give a valid experiment."""
+    base = cfg.model_dump(mode="json", exclude={"search"})
+    for path, axis in cfg.search.items():
+        section = path.split(".")[0]
+        if section in ("search", "tune", "mlflow", "scaling") or "." not in path:
+            raise ConfigError(f"{source}: search.{path}: expected a dotted training key such as method.K")
+        for cond in axis.when:
+            if "." not in cond:
+                raise ConfigError(f"{source}: search.{path}.when.{cond}: expected a dotted key such as method.name")
+        for value in axis.extremes():
+            trial = json.loads(json.dumps(base))
+            for cond, cval in axis.when.items():
+                if cond == "method.name" and cval != trial["method"]["name"]:
+                    trial["method"] = {}
+                set_dotted(trial, cond, cval)
+            set_dotted(trial, path, value)
+            try:
+                ExperimentConfig.model_validate(trial)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                _, expected = _describe(err)
+                if err.get("type") == "extra_forbidden":
+                    expected = "a key that exists in the experiment schema"
+                raise ConfigError(f"{source}: search.{path}: value {value!r} is invalid: expected {expected}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every I/O or syntax problem into one ConfigError line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: (file): expected a readable YAML file (not found)") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: (file): expected a readable YAML file ({type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: (file): expected valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load ``path`` (or the defaults when ``None``) and apply ``--set`` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "(defaults)"
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("search.") and key.count(".") >= 2:
+            data.setdefault("search", {})[key.removeprefix("search.")] = value
+        else:
+            set_dotted(data, key, value)
+    if overrides:
+        source = f"{source} with --set"
+    return validate(data, source)
+
+
+def resolve_data_root(cfg: DataConfig) -> str:
+    """``data.root`` if set, else ``$RRSCALE_DATA_ROOT``, else empty (download location)."""
+    return cfg.root or os.environ.get(DATA_ROOT_ENV, "")
