@@ -30,3 +30,7 @@ class Method(Protocol):
     ) -> dict[str, float]:
         """Method-specific end-of-run scores (GEDI: NMI/ACC/OOD); ``x_test`` is model-ready."""
         ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised by a method when its loss explodes; the engine ends the run with status "failed"."""
