@@ -1,0 +1,314 @@
+"""GEDI: generative and discriminative self-supervised clustering with one backbone.
+
+Sansone & Manhaeve, "A Bayesian Unification of Self-Supervised Clustering and Energy-Based
+Models", arXiv:2401.00873 (TMLR 2025 as "Unifying Self-Supervised Clustering and Energy-Based
+Models"); docs/methods.md §2. A backbone and a projector give c cluster logits z(x); with the
+temperature tau they define both a cluster posterior p(y|x) = softmax(z(x)/tau) and an
+energy-based model E(x) = -LSE(x), LSE(x) = logsumexp_y z_y(x)/tau. The objective
+
+    L = lambda_gen * L_GEN + 0.5 * L_UNIF + 0.5 * beta * L_INV
+
+penalises the three failure modes of cluster-based SSL: L_UNIF cluster collapse, L_INV label
+permutations between views, L_GEN representation collapse. No stop-gradient, no momentum
+encoder. ``lambda_gen = 0`` is the "GEDI no-gen" ablation and then costs exactly the
+discriminative forward pass: no sampler, no buffer, no extra forward.
+
+Design choices (the paper leaves them open or methods.md states them loosely):
+
+* Uniformity marginal from view 1 only, as methods.md writes it. View 2's assignments are tied
+  to view 1's by L_INV, so they inherit the balance; and using one view keeps L_UNIF the
+  cross-entropy of one batch marginal, comparable across K.
+* L_UNIF is the cross-entropy from the uniform prior u = 1/c to the batch marginal,
+  -(1/c) sum_c log pbar_c, the parenthetical definition in methods.md. The formula there omits
+  the 1/c; that version is c times larger (0.5 * 2048 * log 2048 ~ 7.8e3 at its optimum for the
+  default c), which would swamp beta * L_INV and nearly trip ``divergence_limit`` at step 0.
+  The two differ only by that constant factor, so this is a weighting choice, stated here.
+* L_INV exactly as methods.md: one direction, -mean_i sum_c P2_ic log P1_ic, gradients through
+  both P2 and log P1. The two views are i.i.d. augmentations, so the reversed direction has the
+  same expectation; averaging both would only reduce variance and is not what the paper writes.
+* The generative term uses view 1 (the same images as the marginal) plus N(0, data_noise^2)
+  input noise, and evaluates LSE of data and samples in one forward pass **in eval mode**: the
+  energy whose likelihood is maximised is then the same function SGLD samples from (eval-mode
+  BatchNorm), the samples never enter BatchNorm's batch or running statistics, and data and
+  samples are scored by the same normalisation.
+* Divergence guard: the step fails with :class:`TrainingDiverged` when the loss, or the mean
+  LSE of data or samples, is non-finite or exceeds ``divergence_limit`` in magnitude. The LSE
+  check matters because an exploding EBM can keep L_GEN (a difference) small while both
+  LSE terms run away.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rrscale.config import GediConfig
+from rrscale.engine.clustering import auroc, cluster_acc, nmi
+from rrscale.methods.base import TrainingDiverged
+from rrscale.methods.sgld import PersistentSGLD, eval_mode, langevin, uniform_noise
+from rrscale.nets.heads import projector
+
+EVAL_BATCH = 1024
+"""Rows per forward pass in :meth:`Gedi.extra_evaluation` (memory only, no effect on results)."""
+PLOT_SAMPLES = 64
+"""SGLD samples shown in ``sgld_samples.png`` (an 8 x 8 grid for images)."""
+PLOT_POINTS = 2000
+"""At most this many test points in the 2-D scatter plot."""
+
+
+def uniformity_loss(logits1: torch.Tensor) -> torch.Tensor:
+    """L_UNIF = -(1/c) sum_c log pbar_c, pbar = mean_i softmax(logits1)_i (cross-entropy u -> pbar).
+
+    ``logits1``: ``(n, c)`` tempered logits z(x^1)/tau of view 1. Scalar; minimum log c exactly
+    when the batch marginal is uniform, large when the batch collapses onto few clusters.
+    Computed as a logsumexp over the batch of log-softmaxes, so a cluster no sample uses gives a
+    large finite value instead of log(0).
+    """
+    if logits1.dim() != 2 or logits1.shape[0] == 0:
+        raise ValueError(f"uniformity_loss expects (n, c) logits with n >= 1, got {tuple(logits1.shape)}")
+    n = logits1.shape[0]
+    log_marginal = torch.logsumexp(F.log_softmax(logits1.float(), dim=1), dim=0) - math.log(n)
+    return -log_marginal.mean()
+
+
+def invariance_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
+    """L_INV = -mean_i sum_c P2_ic log P1_ic with P_v = softmax(logits_v), gradients through both.
+
+    ``logits1``, ``logits2``: ``(n, c)`` tempered logits of two views of the same n images. The
+    swapped-view cross-entropy ties the assignments of the two views (and so fixes the label
+    permutation); no stop-gradient on either side (docs/methods.md §2).
+    """
+    if logits1.shape != logits2.shape or logits1.dim() != 2:
+        raise ValueError(
+            f"invariance_loss expects two (n, c) logits of equal shape, got {tuple(logits1.shape)} "
+            f"and {tuple(logits2.shape)}"
+        )
+    p2 = F.softmax(logits2.float(), dim=1)
+    return -(p2 * F.log_softmax(logits1.float(), dim=1)).sum(dim=1).mean()
+
+
+def generative_loss(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.Tensor:
+    """L_GEN = -(mean LSE(x_data) - mean LSE(x_sampled)): contrastive divergence for the EBM.
+
+    ``lse_data``: ``(n,)``, ``lse_sample``: ``(m,)``. Its gradient is the maximum-likelihood
+    gradient of p(x) ∝ exp(LSE(x)) when the samples come from the model (persistent SGLD).
+    """
+    return -(lse_data.float().mean() - lse_sample.float().mean())
+
+
+def shuffle_pixels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(N, C, H, W)`` with its H*W pixel positions randomly permuted.
+
+    A pixel keeps its C values together, so colour statistics are kept and only spatial
+    structure is destroyed: a harder OOD set than noise. One permutation per image.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"shuffle_pixels expects (N, C, H, W) images, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    order = torch.rand(n, h * w, generator=generator, device=generator.device).argsort(dim=1).to(x.device)
+    flat = x.reshape(n, c, h * w)
+    return torch.gather(flat, 2, order.unsqueeze(1).expand(n, c, h * w)).reshape(n, c, h, w)
+
+
+class Gedi(nn.Module):
+    """GEDI method: ``backbone`` -> ``projector`` -> c cluster logits (Sansone & Manhaeve 2024).
+
+    ``forward(views, n)`` takes two views per image in augmentation-major layout, ``(2n, ...)``
+    with pixels in [-1, 1] (``symmetric_input``), and returns the loss of docs/methods.md §2 and
+    detached metrics: ``loss``, ``unif``, ``inv``, ``lse_data``, ``clusters_used`` (distinct
+    argmax clusters over the 2n views) and, when ``lambda_gen > 0``, ``gen`` and ``lse_sample``.
+    Without the generative term ``lse_data`` is the mean LSE of the clean view 1 (free to
+    compute); with it, the mean LSE of the noisy view 1 scored in eval mode, as in L_GEN.
+    """
+
+    views_per_image = 2
+    symmetric_input = True
+
+    def __init__(self, cfg: GediConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        feature_dim = getattr(backbone, "feature_dim", None)
+        if not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError("GEDI needs a backbone with an int attribute feature_dim (its pooled feature width)")
+        if cfg.K != self.views_per_image:
+            raise ValueError(f"GEDI uses exactly {self.views_per_image} views per image, got method.K={cfg.K}")
+        self.cfg = cfg
+        self.backbone = backbone
+        self.projector = projector(feature_dim, cfg.projector_width, cfg.clusters)
+        self.sampler = PersistentSGLD(cfg.sgld) if cfg.lambda_gen > 0 else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tempered cluster logits z(x)/tau, ``(N, ...) -> (N, c)``, in fp32 even under autocast."""
+        return self.projector(self.backbone(x)).float() / self.cfg.tau
+
+    def lse(self, x: torch.Tensor) -> torch.Tensor:
+        """LSE(x) = logsumexp_y z_y(x)/tau, ``(N, ...) -> (N,)``: the unnormalised log p(x)."""
+        return torch.logsumexp(self.logits(x), dim=1)
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """E(x) = -LSE(x), ``(N, ...) -> (N,)``."""
+        return -self.lse(x)
+
+    def forward(self, views: torch.Tensor, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and detached metrics for ``views`` of shape ``(2n, ...)`` (rows [0:n] = view 1)."""
+        if views.shape[0] != self.views_per_image * n or n < 1:
+            raise ValueError(
+                f"GEDI expects {self.views_per_image} views per image in augmentation-major layout: "
+                f"views.shape[0] == 2*n, got {views.shape[0]} rows for n={n}"
+            )
+        z = self.logits(views)
+        z1, z2 = z[:n], z[n:]
+        unif = uniformity_loss(z1)
+        inv = invariance_loss(z1, z2)
+        loss = 0.5 * unif + 0.5 * self.cfg.beta * inv
+        used = torch.zeros(self.cfg.clusters, device=z.device).index_fill_(0, z.argmax(dim=1), 1.0).sum()
+        metrics = {"unif": unif.detach(), "inv": inv.detach(), "clusters_used": used}
+        if self.sampler is None:
+            metrics["lse_data"] = torch.logsumexp(z1.detach(), dim=1).mean()
+        else:
+            gen, lse_data, lse_sample = self._generative(self.sampler, views[:n])
+            loss = loss + self.cfg.lambda_gen * gen
+            metrics.update(gen=gen.detach(), lse_data=lse_data.detach(), lse_sample=lse_sample.detach())
+        metrics["loss"] = loss.detach()
+        self._check_divergence(metrics)
+        return loss, metrics
+
+    def _generative(
+        self, sampler: PersistentSGLD, x_data: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_GEN on ``x_data`` ``(n, ...)`` plus the two mean LSEs, negatives from ``sampler``."""
+        m = self.cfg.sgld.batch_size or x_data.shape[0]
+        samples = sampler.sample(self, self.lse, m, x_data).to(x_data.dtype)
+        noisy = x_data + self.cfg.sgld.data_noise * torch.randn_like(x_data)
+        with eval_mode(self):
+            lse = self.lse(torch.cat([noisy, samples.to(memory_format=_memory_format(x_data))]))
+        lse_data, lse_sample = lse[: x_data.shape[0]], lse[x_data.shape[0] :]
+        return generative_loss(lse_data, lse_sample), lse_data.mean(), lse_sample.mean()
+
+    def _check_divergence(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Raise TrainingDiverged when loss or mean LSEs are non-finite or beyond the limit (one sync)."""
+        names = [k for k in ("loss", "lse_data", "lse_sample") if k in metrics]
+        values = torch.stack([metrics[k].float() for k in names])
+        limit = self.cfg.divergence_limit
+        if bool((values.isfinite() & (values.abs() <= limit)).all()):
+            return
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+        raise TrainingDiverged(
+            f"GEDI training diverged: loss or mean LSE non-finite or beyond divergence_limit={limit:g} ({shown}); "
+            f"try a smaller train.lr, method.sgld.step_size or method.lambda_gen, or a larger method.tau"
+        )
+
+    @torch.no_grad()
+    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Argmax cluster ``(N,)`` and LSE ``(N,)`` of ``x`` in chunks; call in eval mode."""
+        preds, lses = [], []
+        for start in range(0, x.shape[0], EVAL_BATCH):
+            z = self.logits(x[start : start + EVAL_BATCH])
+            preds.append(z.argmax(dim=1))
+            lses.append(torch.logsumexp(z, dim=1))
+        return torch.cat(preds), torch.cat(lses)
+
+    def extra_evaluation(
+        self,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        out_dir: Path | None,
+        ood: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Clustering, OOD and sample scores on the model-ready test split (docs/methods.md §2).
+
+        ``x_test`` ``(N, ...)`` is scaled like the training views, ``y_test`` ``(N,)`` holds labels
+        (negative = unlabelled, skipped for NMI/ACC). Returns:
+
+        * ``nmi``, ``acc``: argmax cluster vs labels. ACC uses the Hungarian one-to-one map when
+          ``clusters >= classes`` (the standard metric; surplus clusters count as errors) and
+          the best-overlap (majority) map otherwise, where one-to-one would have to leave
+          classes unmatched. ``clusters_used``: distinct argmax clusters on the test set.
+        * ``ood_auroc_noise``: LSE(x) separating x_test from U(-1, 1) noise of the same shape;
+          ``ood_auroc_shuffled`` (images only): from x_test with pixel positions shuffled per
+          image; ``ood_auroc_<name>`` for each model-ready set in ``ood`` (e.g. ``svhn``). The
+          OOD sets are drawn from a fixed-seed generator, so reruns score the same sets.
+        * With ``out_dir``: ``sgld_samples.png``, a grid of SGLD samples (images) or, for
+          vector data, a scatter of samples over the test points on the LSE landscape.
+        """
+        out: dict[str, float] = {}
+        with eval_mode(self):
+            pred, lse_in = self._scores(x_test)
+            labelled = y_test >= 0
+            if bool(labelled.any()):
+                p, y = pred[labelled], y_test[labelled]
+                classes = int(torch.unique(y).numel())
+                out["nmi"] = nmi(p, y)
+                out["acc"] = cluster_acc(p, y, "hungarian" if self.cfg.clusters >= classes else "majority")
+            out["clusters_used"] = float(torch.unique(pred).numel())
+            gen = torch.Generator(device=x_test.device).manual_seed(0)
+            noise = torch.rand(x_test.shape, generator=gen, device=x_test.device, dtype=x_test.dtype) * 2 - 1
+            ood_sets: dict[str, torch.Tensor] = {"noise": noise}
+            if x_test.dim() == 4:
+                ood_sets["shuffled"] = shuffle_pixels(x_test, gen)
+            ood_sets.update(ood or {})
+            for name, x_ood in ood_sets.items():
+                out[f"ood_auroc_{name}"] = auroc(lse_in, self._scores(x_ood)[1])
+        if out_dir is not None:
+            self._save_samples(x_test, y_test, Path(out_dir) / "sgld_samples.png")
+        return out
+
+    def _plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
+        """``count`` samples: the persistent chains if training used them, else short-run SGLD from noise."""
+        if self.sampler is not None and self.sampler.buffer is not None:
+            return self.sampler.sample(self, self.lse, min(count, self.cfg.sgld.buffer_size), like)
+        with eval_mode(self):
+            start = uniform_noise((count, *like.shape[1:]), like.device)
+            return langevin(self.lse, start, self.cfg.sgld.steps, self.cfg.sgld.step_size, self.cfg.sgld.noise)
+
+    def _save_samples(self, x_test: torch.Tensor, y_test: torch.Tensor, path: Path) -> None:
+        from matplotlib.figure import Figure
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if x_test.dim() == 4:
+            samples = self._plot_samples(x_test, PLOT_SAMPLES).float().clamp(-1, 1).add(1).div(2).cpu().numpy()
+            side = int(math.ceil(math.sqrt(len(samples))))
+            c, h, w = samples.shape[1:]
+            grid = np.ones((side * h, side * w, c), dtype=np.float32)
+            for i, img in enumerate(samples):
+                r, col = divmod(i, side)
+                grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img.transpose(1, 2, 0)
+            fig = Figure(figsize=(6, 6))
+            ax = fig.subplots()
+            ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None)
+            ax.set_axis_off()
+            ax.set_title("GEDI SGLD samples")
+        else:
+            samples = self._plot_samples(x_test, PLOT_SAMPLES * 8).float().cpu().numpy()
+            pts = x_test[:PLOT_POINTS].float().cpu().numpy()
+            labels = y_test[:PLOT_POINTS].cpu().numpy()
+            fig = Figure(figsize=(6, 6))
+            ax = fig.subplots()
+            if pts.shape[1] == 2:
+                lo = np.minimum(pts.min(0), samples.min(0)) - 0.5
+                hi = np.maximum(pts.max(0), samples.max(0)) + 0.5
+                gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
+                grid_pts = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=x_test.dtype, device=x_test.device)
+                with eval_mode(self):
+                    field = self._scores(grid_pts)[1].cpu().numpy().reshape(gx.shape)
+                ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
+            ax.scatter(pts[:, 0], pts[:, 1], c=labels, s=4, cmap="coolwarm", label="test data")
+            ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
+            ax.legend(loc="upper right")
+            ax.set_title("GEDI: SGLD samples over data (shading: LSE)")
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for 4-D tensors stored that way, so a cat with them keeps the layout."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,531 @@
+"""MLflow runs for sweeps: one parent run per sweep, one nested child run per trial.
+
+Every function talks to MLflow through an explicit :class:`mlflow.tracking.MlflowClient` for
+one tracking URI: no fluent ``mlflow.start_run`` state, no active-run stack, so a long-lived
+Tune driver can keep many trial runs open at once (and an exported ``MLFLOW_RUN_ID``, which
+only the fluent API reads, cannot hijack the nesting). Nesting is the ``mlflow.parentRunId``
+tag, which the MLflow UI and ``search_runs(filter_string="tags.mlflow.parentRunId = '...'")``
+both understand.
+
+Tracking must never kill training. Every public function catches its own failures, logs one
+warning through :mod:`logging` and returns something harmless: run ids are ``""`` when the
+backend is down, and every function that takes a run id does nothing for ``""``.
+
+A dead HTTP server is the expensive failure: MLflow's client retries 7 times with exponential
+back-off (about 4 minutes per call by default). So when a call fails *slowly*
+(:data:`SLOW_FAILURE_S` or more), the URI is considered down for :data:`COOLDOWN_S` seconds
+and calls against it are skipped (one warning) instead of stalling the driver epoch after
+epoch. Lower ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` in the
+driver's environment to fail faster still.
+
+The functions that take only a run id find its tracking URI in a small in-process map filled
+by :func:`start_sweep` / :func:`start_trial` (falling back to :func:`resolve_tracking_uri`
+with no configured URI); each also takes an explicit ``tracking_uri=`` keyword.
+
+This module must not import ray: the Ray side calls it with plain dicts.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import numbers
+import os
+import re
+import subprocess
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.tracking import MlflowClient
+
+from rrscale import __version__
+from rrscale.config import flatten
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Longest parameter value written. MLflow 3.17 accepts 6000 characters, but older tracking
+#: servers (and some SQL schemas still deployed) stop at 500, and a sweep should log the same
+#: values wherever it runs. Longer values are cut and end with ``...``.
+PARAM_VALUE_LIMIT = 500
+#: Longest tag value written (MLflow's limit is 8000).
+TAG_VALUE_LIMIT = 5000
+#: MLflow's limit on metric / param / tag names.
+KEY_LIMIT = 250
+#: A failure that took at least this long (retries, time-outs) marks the URI as down ...
+SLOW_FAILURE_S = 5.0
+#: ... for this many seconds, during which calls against it are skipped.
+COOLDOWN_S = 60.0
+
+ROLE_TAG = "rrscale.role"
+SWEEP_TAG = "rrscale.sweep"
+TRIAL_TAG = "rrscale.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+GIT_TAG = "rrscale.git_sha"
+VERSION_TAG = "rrscale.version"
+
+_STATUS = {
+    "FINISHED": "FINISHED", "TERMINATED": "FINISHED", "COMPLETED": "FINISHED", "COMPLETE": "FINISHED",
+    "SUCCESS": "FINISHED", "OK": "FINISHED",
+    "FAILED": "FAILED", "ERROR": "FAILED", "ERRORED": "FAILED",
+    "KILLED": "KILLED", "STOPPED": "KILLED", "CANCELLED": "KILLED", "INTERRUPTED": "KILLED",
+    "EARLY_STOPPED": "KILLED", "PRUNED": "KILLED",
+}
+_BAD_KEY_CHARS = re.compile(r"[^\w.\- /:]")
+_SAFE_FILTER_VALUE = re.compile(r"^[\w.\-:]+$")
+
+_lock = threading.Lock()
+_clients: dict[str, MlflowClient] = {}
+_run_uri: dict[str, str] = {}
+_last_step: dict[str, int] = {}
+_down_until: dict[str, float] = {}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def resolve_tracking_uri(cfg_uri: str) -> str:
+    """``mlflow.tracking_uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<cwd>/mlflow.db`` (MLflow 3's own default, made absolute so that a later
+    ``chdir`` or a Ray worker's different cwd cannot move it)."""
+    if cfg_uri:
+        return cfg_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute or relative to the cwd), else ``None``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest) if rest.startswith("/") else (Path.cwd() / rest)
+
+
+def _client(uri: str) -> MlflowClient:
+    with _lock:
+        client = _clients.get(uri)
+        if client is None:
+            client = MlflowClient(tracking_uri=uri)
+            _clients[uri] = client
+        return client
+
+
+def _remember(run_id: str, uri: str) -> None:
+    if run_id:
+        with _lock:
+            _run_uri[run_id] = uri
+
+
+def _uri_for(run_id: str, tracking_uri: str | None) -> str:
+    if tracking_uri:
+        return tracking_uri
+    with _lock:
+        uri = _run_uri.get(run_id)
+    return uri or resolve_tracking_uri("")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(exc).__name__}: {line[:300]}"
+
+
+def _guard(uri: str, what: str, default: T, fn: Callable[[], T]) -> T:
+    """Run ``fn``; on failure log one warning and return ``default``; trip the breaker on slow ones."""
+    now = time.monotonic()
+    with _lock:
+        until = _down_until.get(uri, 0.0)
+    if now < until:
+        log.debug("MLflow %s skipped: %s marked unreachable for another %.0f s", what, uri, until - now)
+        return default
+    tic = time.monotonic()
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+        took = time.monotonic() - tic
+        if took >= SLOW_FAILURE_S:
+            with _lock:
+                _down_until[uri] = time.monotonic() + COOLDOWN_S
+            log.warning("MLflow %s failed after %.0f s (%s); skipping MLflow calls to %s for %.0f s; "
+                        "training continues", what, took, _short(exc), uri, COOLDOWN_S)
+        else:
+            log.warning("MLflow %s failed (%s); training continues without it", what, _short(exc))
+        return default
+
+
+def _key(key: Any) -> str:
+    """A name MLflow accepts: allowed characters only, and no empty / ``.`` / ``..`` path parts."""
+    k = _BAD_KEY_CHARS.sub("_", str(key))
+    k = "/".join(part for part in k.split("/") if part not in ("", ".", "..")) or "_"
+    return k[:KEY_LIMIT].rstrip("/")
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value, separators=(",", ":"), default=str)
+    else:
+        text = str(value)
+    if len(text) > PARAM_VALUE_LIMIT:
+        text = text[: PARAM_VALUE_LIMIT - 3] + "..."
+    return text
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(
+        value, (list, dict, tuple)) else str(value)
+    return text[:TAG_VALUE_LIMIT]
+
+
+def _number(value: Any) -> float | None:
+    """A float for real numbers (numpy / 0-d tensors included); ``None`` for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        try:
+            out = item()
+        except Exception:  # noqa: BLE001
+            return None
+        return float(out) if isinstance(out, numbers.Real) and not isinstance(out, bool) else None
+    return None
+
+
+def _metrics(values: dict[str, Any], step: int) -> list[Metric]:
+    ts = int(time.time() * 1000)
+    out = []
+    for k, v in values.items():
+        x = _number(v)
+        if x is not None:
+            out.append(Metric(_key(k), x, ts, int(step)))
+    return out
+
+
+def _flat_params(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    return {_key(prefix + k): _param_value(v) for k, v in flatten(dict(values)).items()}
+
+
+def _log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] | None = None,
+               params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+    """``log_batch`` within MLflow's per-request limits (100 params/tags, 1000 metrics)."""
+    plist = [Param(k, v) for k, v in (params or {}).items()]
+    tlist = [RunTag(k, v) for k, v in (tags or {}).items()]
+    mlist = list(metrics or [])
+    while plist or tlist or mlist:
+        p, plist = plist[:100], plist[100:]
+        t, tlist = tlist[:100], tlist[100:]
+        m, mlist = mlist[: 1000 - len(p) - len(t)], mlist[1000 - len(p) - len(t):]
+        client.log_batch(run_id, metrics=m, params=p, tags=t)
+
+
+def _new_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> dict[str, str]:
+    """The params a run does not have yet; MLflow params are immutable, so differing ones are
+    reported and skipped (the run keeps its first value)."""
+    have = client.get_run(run_id).data.params
+    changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
+    if changed:
+        log.warning("MLflow run %s keeps its logged values of %d changed param(s): %s", run_id,
+                    len(changed), ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+    return {k: v for k, v in params.items() if k not in have}
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    """The commit of the rrscale checkout (or of the cwd); ``"unknown"`` outside git."""
+    for where in (Path(__file__).resolve().parent, Path.cwd()):
+        try:
+            out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                                 text=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        sha = out.stdout.strip()
+        if out.returncode == 0 and sha:
+            return sha
+    return "unknown"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", name)
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    db = sqlite_path(uri)
+    # MLflow's default artifact root for a SQL store is ./mlruns in the *current* directory;
+    # keep a sqlite store's artifacts next to its database file instead.
+    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        exp = client.get_experiment_by_name(name)  # created concurrently by someone else
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str,
+                order_by: list[str] | None = None, limit: int = 100_000) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while len(runs) < limit:
+        page = client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY,
+                                  max_results=min(1000, limit - len(runs)), order_by=order_by,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def _find_sweep(client: MlflowClient, experiment_id: str, sweep_name: str) -> Any | None:
+    runs = _search_all(client, [experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'",
+                       order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.data.tags.get(SWEEP_TAG) == sweep_name:
+            return run
+    return None
+
+
+def _find_trial(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> Any | None:
+    flt = f"tags.{PARENT_TAG} = '{parent_run_id}'"
+    if _SAFE_FILTER_VALUE.match(trial_id):
+        flt += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    for run in _search_all(client, [experiment_id], flt, order_by=["attributes.start_time ASC"]):
+        if run.data.tags.get(TRIAL_TAG) == trial_id:
+            return run
+    return None
+
+
+def _log_artifact_paths(client: MlflowClient, run_id: str, paths: list[Path], what: str) -> None:
+    for p in paths:
+        path = Path(p)
+        try:
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=path.name)
+            elif path.is_file():
+                sub = "plots" if path.suffix.lower() in (".png", ".svg", ".pdf") else None
+                client.log_artifact(run_id, str(path), artifact_path=sub)
+            else:
+                log.warning("MLflow %s: artifact %s does not exist; skipped", what, path)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow %s: could not upload %s (%s)", what, path, _short(exc))
+
+
+def _status(status: str) -> str:
+    mapped = _STATUS.get(str(status).strip().upper())
+    if mapped is None:
+        log.warning("unknown run status %r; recording it as FAILED", status)
+        return "FAILED"
+    return mapped
+
+
+def _split_summary(summary: dict[str, Any], tag_prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Numbers become metrics; short strings become tags ``<tag_prefix><key>``; the rest is dropped."""
+    nums: dict[str, Any] = {}
+    tags: dict[str, str] = {}
+    for k, v in summary.items():
+        if _number(v) is not None:
+            nums[k] = v
+        elif isinstance(v, str):
+            tags[_key(tag_prefix + k)] = _tag_value(v)
+    return nums, tags
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file: Path,
+                config: dict[str, Any], resume: bool) -> str:
+    """Open the parent run of a sweep and return its id (``""`` when tracking is down).
+
+    Logs ``search_file`` (the experiment YAML with its search space) as an artifact, the
+    flattened base ``config`` as params, and the tags ``rrscale.sweep``, ``rrscale.role=sweep``,
+    ``rrscale.git_sha`` (+ ``mlflow.source.git.commit``) and ``rrscale.version``. With
+    ``resume=True`` the most recent parent run of the same ``sweep_name`` in the experiment is
+    set to RUNNING again and returned (params it lacks are added); a new one is created only
+    when none exists.
+    """
+    uri = tracking_uri or resolve_tracking_uri("")
+
+    def body() -> str:
+        client = _client(uri)
+        exp_id = _experiment_id(client, experiment, uri)
+        params = _flat_params(config)
+        run = _find_sweep(client, exp_id, sweep_name) if resume else None
+        if run is not None:
+            run_id = run.info.run_id
+            log.info("MLflow: resuming sweep %r (parent run %s)", sweep_name, run_id)
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            params = _new_params(client, run_id, params)
+        else:
+            if resume:
+                log.info("MLflow: no earlier parent run for sweep %r; starting one", sweep_name)
+            sha = git_sha()
+            tags = {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep", GIT_TAG: sha, VERSION_TAG: __version__,
+                    "mlflow.source.git.commit": sha, "mlflow.source.name": "rrscale tune",
+                    "mlflow.source.type": "LOCAL", "mlflow.user": _user(),
+                    "rrscale.search_file": _tag_value(Path(search_file).name if search_file else "")}
+            run_id = client.create_run(exp_id, run_name=sweep_name, tags=tags).info.run_id
+        _remember(run_id, uri)
+        _log_batch(client, run_id, params=params)
+        if search_file and Path(search_file).is_file():
+            _log_artifact_paths(client, run_id, [Path(search_file)], "start_sweep")
+        return run_id
+
+    return _guard(uri, "start_sweep", "", body)
+
+
+def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags: dict[str, Any],
+                *, tracking_uri: str | None = None) -> str:
+    """Open (or find again) the child run of one trial; return its id, ``""`` on failure.
+
+    Idempotent: when a child of ``parent_run_id`` with tag ``rrscale.trial_id == trial_id``
+    exists it is returned (set RUNNING again, missing params added), so a resumed sweep never
+    duplicates a trial. The run name is ``trial_id``; ``params`` are flattened to dotted keys
+    and cut to :data:`PARAM_VALUE_LIMIT` characters; ``tags`` are logged as given (plus
+    ``mlflow.parentRunId``, ``rrscale.trial_id``, ``rrscale.sweep``, ``rrscale.role=trial``
+    and ``rrscale.git_sha`` when missing).
+    """
+    if not parent_run_id:
+        return ""
+    uri = _uri_for(parent_run_id, tracking_uri)
+
+    def body() -> str:
+        client = _client(uri)
+        parent = client.get_run(parent_run_id)
+        exp_id = parent.info.experiment_id
+        flat = _flat_params(params)
+        run = _find_trial(client, exp_id, parent_run_id, trial_id)
+        if run is not None:
+            run_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            flat = _new_params(client, run_id, flat)
+            _remember(run_id, uri)
+            _log_batch(client, run_id, params=flat)
+            return run_id
+        all_tags = {_key(k): _tag_value(v) for k, v in tags.items()}
+        sha = all_tags.get(GIT_TAG) or git_sha()
+        all_tags.update({PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"})
+        all_tags.setdefault(GIT_TAG, sha)
+        all_tags.setdefault("mlflow.source.git.commit", sha)
+        all_tags.setdefault(VERSION_TAG, __version__)
+        sweep = parent.data.tags.get(SWEEP_TAG)
+        if sweep:
+            all_tags.setdefault(SWEEP_TAG, sweep)
+        # create_run takes the tags in one request; params go in (chunked) batches after it.
+        run_id = client.create_run(exp_id, run_name=trial_id, tags=all_tags).info.run_id
+        _remember(run_id, uri)
+        _log_batch(client, run_id, params=flat)
+        return run_id
+
+    return _guard(uri, "start_trial", "", body)
+
+
+def log_epoch(run_id: str, metrics: dict[str, Any], step: int, *, tracking_uri: str | None = None) -> None:
+    """Log the numeric values of ``metrics`` at ``step``; anything non-numeric (bools,
+    strings, nested dicts, lists) is ignored."""
+    if not run_id:
+        return
+    uri = _uri_for(run_id, tracking_uri)
+    batch = _metrics(metrics, step)
+    with _lock:
+        _last_step[run_id] = max(int(step), _last_step.get(run_id, int(step)))
+    if not batch:
+        return
+    _guard(uri, "log_epoch", None, lambda: _log_batch(_client(uri), run_id, metrics=batch))
+
+
+def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir: Path | None,
+              *, tracking_uri: str | None = None) -> None:
+    """Log the final numbers of a trial, its checkpoint, and close it.
+
+    Numeric ``summary`` values become metrics (``probe_top1``, ``knn_top1``, ``nmi``, ``acc``,
+    ``images_per_s``, ``seconds``, ``cpu_seconds``/``gpu_seconds`` ...) at the trial's last
+    logged step, so ``run.data.metrics`` shows them as the latest values; short strings become
+    ``summary.<key>`` tags. ``checkpoint_dir`` (a folder, or one file) is uploaded under the
+    artifact path ``checkpoint/``. ``status``: FINISHED / FAILED / KILLED (Ray's TERMINATED and
+    ERROR are accepted too); the original word is kept in the tag ``rrscale.status``.
+    """
+    if not run_id:
+        return
+    uri = _uri_for(run_id, tracking_uri)
+    with _lock:
+        step = _last_step.pop(run_id, None)
+    if step is None:
+        guess = next((summary[k] for k in ("epochs", "epoch", "training_iteration") if k in summary), 0)
+        step = int(guess) if _number(guess) is not None else 0
+    nums, tags = _split_summary(summary, "summary.")
+    tags["rrscale.status"] = _tag_value(status)
+    final = _status(status)
+    client = _client(uri)
+    _guard(uri, "end_trial (metrics)", None,
+           lambda: _log_batch(client, run_id, metrics=_metrics(nums, step), tags=tags))
+    if checkpoint_dir is not None:
+        ckpt = Path(checkpoint_dir)
+
+        def upload() -> None:
+            if ckpt.is_dir():
+                client.log_artifacts(run_id, str(ckpt), artifact_path="checkpoint")
+            elif ckpt.is_file():
+                client.log_artifact(run_id, str(ckpt), artifact_path="checkpoint")
+            else:
+                log.warning("MLflow end_trial: checkpoint %s does not exist; not uploaded", ckpt)
+
+        _guard(uri, "end_trial (checkpoint)", None, upload)
+    _guard(uri, "end_trial (terminate)", None, lambda: client.set_terminated(run_id, final))
+
+
+def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[str, Any],
+                 artifacts: list[Path], *, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
+    """Close the parent run: summary metrics, the best config (``best_config.json`` artifact
+    and ``best.<dotted key>`` params), extra artifacts (PNG/SVG/PDF files under ``plots/``,
+    other files at the root, folders under their own name), then ``status`` (FINISHED)."""
+    if not parent_run_id:
+        return
+    uri = _uri_for(parent_run_id, tracking_uri)
+    client = _client(uri)
+    nums, tags = _split_summary(summary, "summary.")
+
+    def log_summary() -> None:
+        params = _new_params(client, parent_run_id, _flat_params(best_config, "best.")) if best_config else {}
+        _log_batch(client, parent_run_id, metrics=_metrics(nums, 0), params=params, tags=tags)
+
+    _guard(uri, "finish_sweep (summary)", None, log_summary)
+    if best_config:
+        _guard(uri, "finish_sweep (best config)", None,
+               lambda: client.log_dict(parent_run_id, best_config, "best_config.json"))
+    if artifacts:
+        _guard(uri, "finish_sweep (artifacts)", None,
+               lambda: _log_artifact_paths(client, parent_run_id, list(artifacts), "finish_sweep"))
+    final = _status(status)
+    _guard(uri, "finish_sweep (terminate)", None, lambda: client.set_terminated(parent_run_id, final))
+
+
+def forget_failures() -> None:
+    """Clear the 'URI is down' memory (for tests, or after fixing the server)."""
+    with _lock:
+        _down_until.clear()
