@@ -313,11 +313,17 @@ def channel_stats(x: np.ndarray, chunk: int = 2048) -> Stats:
 
 
 def _stats(src: _Source, train: _Raw) -> Stats:
-    """Published values where they exist, else computed from ``train`` (cached by its content)."""
+    """Published values where they exist, else computed from ``train``.
+
+    File-backed sets cache the result by content; generated sets are small and regenerated on
+    every run anyway, so they compute it and leave nothing on disk.
+    """
     if src.name in FIXED_STATS:
         return FIXED_STATS[src.name]
     if train.x.ndim != 4:
         return (), ()
+    if src.name in _GENERATED:
+        return channel_stats(train.x)
     record = cached_json(train.content, "stats", lambda: dict(zip(("mean", "std"), channel_stats(train.x))))
     return tuple(record["mean"]), tuple(record["std"])
 

@@ -48,8 +48,6 @@ CLASS_NAMES = (
     "cloudy noise",
     "dots",
 )
-# Bump when the generator changes, so dataset fingerprints change with it.
-VERSION = 1
 
 _Pattern = Callable[[np.random.Generator, int], np.ndarray]
 

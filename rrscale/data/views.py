@@ -66,7 +66,7 @@ CROP_TRIES = 10
 # op ids of the colour jitter, in torchvision's ColorJitter numbering (its ``fn_idx``)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
-# columns of the one uniform draw per view (one RNG call per batch, see ``_draw``)
+# columns of the one uniform draw per view: a single RNG call (one kernel) per batch
 _TRY_COLS = 2 * CROP_TRIES  # (area, log-ratio) per try
 _OFFSET, _FLIP, _JITTER, _FACTORS, _HUE, _ORDER, _GRAY = (
     _TRY_COLS,
@@ -166,7 +166,7 @@ def sample_crop_boxes(
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    first = fits.long().argmax(1, keepdim=True)  # argmax returns the first maximum
     found = fits.any(1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
@@ -207,7 +207,7 @@ def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, ou
     grid = F.affine_grid(theta, [m, c, out_size, out_size], align_corners=False)
     lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1).view(m, 1, 1, 2)
     hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], 1).view(m, 1, 1, 2)
-    grid = torch.clamp(grid, min=lo, max=hi)
+    grid.clamp_(min=lo, max=hi)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -283,7 +283,7 @@ def color_jitter_(x: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor | No
     """
     m = x.shape[0]
     positions = torch.arange(4, device=order.device).expand(m, 4)
-    hue_pos = (order == HUE).to(torch.uint8).argmax(1, keepdim=True)
+    hue_pos = (order == HUE).long().argmax(1, keepdim=True)
     # blend ops in drawn order: sort positions with the hue slot pushed to the end
     keyed = torch.where(order == HUE, 4, positions)
     blend_ops = order.gather(1, keyed.argsort(1))[:, :3]
@@ -366,6 +366,8 @@ class ImageViews:
             lum = luma(views).mul_(gray)
             views.mul_(1.0 - gray).add_(lum)
 
+        # bilinear weights and luma can overshoot 1 by an ulp; the [-1, 1] / [0, 1] promise is exact
+        views.clamp_(0.0, 1.0)
         scale, shift = self._normaliser(dev, c)
         return _fused_output(views, scale, shift, self.dtype, self.channels_last)
 
