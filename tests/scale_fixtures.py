@@ -68,31 +68,39 @@ class RayEnv:
         return sorted(root.glob("session_2*")) if root.exists() else []
 
 
-def _our_pids(marker: str) -> list[int]:
-    """Pids of processes whose command line mentions ``marker`` (this test's own temp dir)."""
+def _our_pids(markers: list[str]) -> list[int]:
+    """Pids of processes whose command line or environment holds one of ``markers``: this
+    test's own temp dir or random Ray token, which no other process on the machine has. (Ray
+    renames its agents and workers, so the command line alone misses them.)"""
+    needles = [m.encode() for m in markers if m]
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            blob = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
         except OSError:
             continue
-        if marker in cmd:
+        if any(n in blob for n in needles):
             pids.append(int(proc.name))
     return pids
 
 
-def end_processes(marker: str) -> None:
+def end_processes(*markers: str) -> None:
+    """End (TERM, then KILL) the processes this test started, found by :func:`_our_pids`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _our_pids(marker)
+        pids = _our_pids(list(markers))
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        if pids and sig == signal.SIGTERM:
-            time.sleep(2)
+        if not pids:
+            return
+        if sig == signal.SIGTERM:
+            deadline = time.time() + 10
+            while time.time() < deadline and _our_pids(list(markers)):
+                time.sleep(0.5)
 
 
 @pytest.fixture
@@ -121,7 +129,7 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayEnv]
 
         if ray.is_initialized():
             ray.shutdown()
-        end_processes(str(ray_tmp))
+        end_processes(str(ray_tmp), f"RAY_AUTH_TOKEN={env.token}")
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -6,19 +6,19 @@ image with PIL in CPU loader workers, which keeps a GPU ~39x under its ceiling a
 the training device and all K*N views are produced at once, with every view's random
 parameters drawn independently:
 
-* RandomResizedCrop + horizontal flip + resize are one affine ``affine_grid`` + bilinear
-  ``grid_sample``. Crop boxes are sampled exactly like torchvision's ``RandomResizedCrop``
-  (integer boxes, 10 area/log-ratio tries, then its centre-crop fallback), but all tries of
-  all views are drawn at once and the first valid one is picked with ``argmax``. The grid is
-  clamped to the crop box so that border pixels replicate *inside* the box, as
-  crop-then-resize does; a known box therefore reproduces
-  ``torchvision.transforms.functional.resized_crop(..., antialias=False)``.
+* RandomResizedCrop + horizontal flip + resize are one affine grid + one bilinear
+  ``grid_sample`` per batch. Crop boxes are sampled exactly like torchvision's
+  ``RandomResizedCrop`` (integer boxes, 10 area/log-ratio tries, then its centre-crop
+  fallback), but all tries of all views are drawn at once and the first valid one is picked
+  with ``argmax``. The grid is what ``F.affine_grid`` gives for the crop's axis-aligned theta
+  (built from its 1-D factors, 13x cheaper on CPU), clamped to the crop box so that border
+  pixels replicate *inside* the box as crop-then-resize does; a known box therefore
+  reproduces ``torchvision.transforms.functional.resized_crop(..., antialias=False)``.
 * Colour jitter follows torchvision's definitions on [0, 1] floats (brightness multiplies,
   contrast blends with the mean of the luma image, saturation blends with the luma image, hue
   shifts H in HSV; clamp after each op) with per-view factors as broadcast tensors. The hue
-  shift uses the closed-form hexagonal HSV->RGB mapping ``c = V - C * clamp(min(k, 4 - k), 0,
-  1)`` with ``k = (n + 6H) mod 6``, n = 5, 3, 1 for R, G, B (V the max channel, C the chroma),
-  which needs no six-way select.
+  shift uses the closed-form hexagonal HSV->RGB map (see :func:`adjust_hue_`), which needs
+  no six-way select.
 * Grayscale uses ITU-R 601 luma (0.299, 0.587, 0.114) replicated to three channels.
 * Normalisation, the cast to the output dtype and the memory format are one fused
   ``addcmul`` into a pre-allocated output.
@@ -27,22 +27,30 @@ Jitter order. torchvision applies the four jitter ops in a fresh random order pe
 is kept here, per view. The three blend-type ops (brightness, contrast, saturation) are
 identities when their factor is 1, so the random order costs 6 cheap blend stages (the three
 blend ops in their drawn order, each masked to "before hue" or "after hue") around a single
-hue stage, instead of evaluating the expensive hue op at all four positions. Measured on the
-2-core development CPU (torch.set_num_threads(2), float32, 32x32 RGB, median of 15 calls):
+hue stage, instead of evaluating the expensive hue op at all four positions. The fixed
+alternative (brightness, contrast, saturation, hue for every view) needs 3 blend stages.
+Measured on the 2-core development CPU (torch.set_num_threads(2), float32, 32x32 RGB, full
+recipe, medians of 20-30 interleaved calls in two sessions; the machine was shared with other
+jobs, so the spread is wide):
 
-=============================  ===============  ==================
-views                          random order     fixed order (BCSH)
-=============================  ===============  ==================
-N=64, K=32 (2,048 views)       54 ms            46 ms
-N=32, K=4  (128 views)         2.4 ms           2.1 ms
-=============================  ===============  ==================
+=========================  ==================  ==================  ==========================
+views                      random order        fixed order         torchvision per image
+=========================  ==================  ==================  ==========================
+N=64, K=32 (2,048 views)   36-48 ms            34-40 ms            455 ms PIL, 805 ms tensor
+N=32, K=4 (128 views)      2.3-2.5 ms          1.9-2.0 ms          27.5 ms PIL, 46 ms tensor
+=========================  ==================  ==================  ==========================
 
-The ~17 % difference is small next to a training step on the same CPU, so the faithful
-random order is used. torchvision's per-image v1 transforms on tensors take ~1,700 ms for
-the same 2,048 views (~0.83 ms per view), i.e. this path is ~30x faster on CPU.
+The faithful random order costs 7-20 % more; against the 10-20x gain over per-image
+transforms that is kept. Of the 2,048-view call, crop+flip+normalise take ~10-20 ms (one
+``grid_sample``), the jitter ~20 ms of which the hue ~10 ms. With one thread it is 72 ms
+(random) vs 62 ms (fixed). On CPU most of the colour ops' cost is first-touching freshly
+allocated temporaries, hence the in-place style below; ``torch.where`` over image-sized
+tensors is ~30x slower than a multiply-add on CPU, hence the 0/1 arithmetic masks.
 
-Precision: all arithmetic runs in float32 (the box sampling in float64); ``dtype`` only sets
-the output type, so a bf16/fp16 output costs one rounding at the very end.
+Precision: all arithmetic runs in float32 (the box sampling in float64) on every device;
+``dtype`` only sets the output type, so a bf16/fp16 output costs one rounding at the very end.
+Colour ops in fp16 on CUDA would halve their memory traffic but were not measured (no GPU was
+available when this was written), so they are not offered.
 
 Randomness: every draw comes from ``generator`` (default: the global RNG of ``x``'s device)
 in a fixed order, so the same generator state gives the same views. A CPU generator may be
@@ -180,34 +188,48 @@ def sample_crop_boxes(
         fw, fh = width, height
     w = torch.where(found, w, float(fw))
     h = torch.where(found, h, float(fh))
-    top = torch.where(found, torch.floor(u_offset[:, 0].double() * (height - h + 1)), float((height - fh) // 2))
-    left = torch.where(found, torch.floor(u_offset[:, 1].double() * (width - w + 1)), float((width - fw) // 2))
+    u_offset = u_offset.double()
+    top = torch.where(found, torch.floor(u_offset[:, 0] * (height - h + 1)), float((height - fh) // 2))
+    left = torch.where(found, torch.floor(u_offset[:, 1] * (width - w + 1)), float((width - fw) // 2))
     return torch.stack([top, left, h, w], 1).long()
+
+
+def crop_grid(
+    boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int, out_size: int
+) -> torch.Tensor:
+    """Sampling grid (M, S, S, 2) for ``grid_sample`` that crops, flips and resizes in one pass.
+
+    It is ``F.affine_grid(theta, align_corners=False)`` for theta = [[±w/W, 0, (2·left+w)/W - 1],
+    [0, h/H, (2·top+h)/H - 1]] (output pixel centres map linearly onto the box, the flip
+    negates the x scale), clamped to the box's outer pixel centres, which is what resizing an
+    already-cropped image does at its border. Because theta is axis-aligned the grid is built
+    from its two 1-D factors: on CPU ``affine_grid``'s batched matmul takes 13 ms for 2,048
+    32x32 views, the broadcast 1 ms, and the clamp runs on (M, S) instead of (M, S, S, 2).
+    """
+    b = boxes.to(torch.float32)
+    top, left, h, w = (v.unsqueeze(1) for v in b.unbind(1))
+    centres = (torch.arange(out_size, dtype=torch.float32, device=b.device) * 2 + 1) / out_size - 1
+    scale_x = torch.where(flips.to(b.device).unsqueeze(1), -w / width, w / width)
+    gx = (centres * scale_x + (2 * left + w) / width - 1).clamp_(
+        min=(2 * left + 1) / width - 1, max=(2 * (left + w) - 1) / width - 1
+    )
+    gy = (centres * (h / height) + (2 * top + h) / height - 1).clamp_(
+        min=(2 * top + 1) / height - 1, max=(2 * (top + h) - 1) / height - 1
+    )
+    shape = (b.shape[0], out_size, out_size)
+    return torch.stack([gx.unsqueeze(1).expand(shape), gy.unsqueeze(2).expand(shape)], -1)
 
 
 def crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int) -> torch.Tensor:
     """Crop each image to its box, flip it horizontally where ``flips``, resize to out_size².
 
     images: float (M, C, H, W); boxes: (M, 4) integer (top, left, h, w); flips: bool (M,).
-    One affine grid does all three: output pixel centres map linearly onto the box (the
-    align_corners=False convention of ``interpolate``), the flip negates the x scale, and the
-    sample positions are clamped to the box's outer pixel centres, which is what resizing an
-    already-cropped image does at its border. Bilinear, no antialiasing (crops are never larger
-    than the output unless ``out_size`` is smaller than the input).
+    One bilinear ``grid_sample`` over the grid of :func:`crop_grid`, no antialiasing (crops are
+    never larger than the output unless ``out_size`` is smaller than the input), so a box gives
+    the pixels of ``torchvision.transforms.functional.resized_crop(..., antialias=False)``.
     """
-    m, c, height, width = images.shape
-    b = boxes.to(device=images.device, dtype=torch.float32)
-    top, left, h, w = b.unbind(1)
-    sx = torch.where(flips.to(images.device), -w / width, w / width)
-    theta = torch.zeros(m, 2, 3, dtype=torch.float32, device=images.device)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = (2 * left + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [m, c, out_size, out_size], align_corners=False)
-    lo = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1).view(m, 1, 1, 2)
-    hi = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], 1).view(m, 1, 1, 2)
-    grid.clamp_(min=lo, max=hi)
+    _, _, height, width = images.shape
+    grid = crop_grid(boxes.to(images.device), flips, height, width, out_size)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -216,7 +238,8 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x.clone()
     r, g, b = x.unbind(1)
-    return torch.add(r, g, alpha=LUMA[1] / LUMA[0]).add_(b, alpha=LUMA[2] / LUMA[0]).mul_(LUMA[0]).unsqueeze(1)
+    y = torch.add(r, g, alpha=LUMA[1] / LUMA[0]).add_(b, alpha=LUMA[2] / LUMA[0])
+    return y.mul_(LUMA[0]).unsqueeze(1)
 
 
 def _mask(condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -265,13 +288,18 @@ def adjust_hue_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h6.div_(torch.clamp(chroma, min=1e-12, out=tmp))  # C = 0: all numerators are 0
     h6.add_(4.0).sub_(is_r, alpha=4.0).sub_(is_g, alpha=2.0)  # 2i: 0, 2 or 4
     h6.add_(6.0 * shift.to(x.dtype).view(-1, 1, 1))
-    offsets = torch.tensor([0.0, 4.0, 2.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    h6.sub_(torch.mul(h6, 1.0 / 6.0, out=tmp).floor_(), alpha=6.0)  # mod 6 -> [0, 6]
+    # with o = 6, 4, 2 (0, 4, 2 mod 6) k = 6H' + o lies in [0, 12], where
+    # |(k mod 6) - 3| = ||k - 6| - 3|: no per-channel remainder; k - 6 = 6H' - 2c
+    offsets = torch.arange(3, dtype=x.dtype, device=x.device).mul_(-2.0).view(1, 3, 1, 1)
     torch.add(h6.unsqueeze(1), offsets, out=x)
-    x.remainder_(6.0).sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    x.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
     return x.mul_(chroma.unsqueeze(1)).add_(low.unsqueeze(1))
 
 
-def color_jitter_(x: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor:
+def color_jitter_(
+    x: torch.Tensor, factors: torch.Tensor, hue: torch.Tensor | None, order: torch.Tensor
+) -> torch.Tensor:
     """torchvision's ColorJitter with per-view parameters and per-view op order, in place.
 
     x: (M, C, H, W) in [0, 1]; factors: (M, 3) brightness/contrast/saturation factors;
@@ -346,7 +374,9 @@ class ImageViews:
         draw_dev = generator.device if generator is not None else dev
         u = torch.rand(m, _DRAWS, generator=generator, device=draw_dev).to(dev, non_blocking=True)
 
-        boxes = sample_crop_boxes(u[:, :_TRY_COLS], u[:, _OFFSET : _OFFSET + 2], height, width, cfg.crop_min_scale)
+        boxes = sample_crop_boxes(
+            u[:, :_TRY_COLS], u[:, _OFFSET : _OFFSET + 2], height, width, cfg.crop_min_scale
+        )
         flips = u[:, _FLIP] < cfg.flip_prob
         src = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()  # exact 0 and 1
         views = crop_flip(src.repeat(k, 1, 1, 1), boxes, flips, size)

@@ -126,6 +126,20 @@ def _dashboard_url() -> str | None:
     return url if url.startswith("http") else f"http://{url}"
 
 
+def _job_env_keys() -> set[str]:
+    """Environment keys the runtime_env of the submitted job (if this is one) already sets."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+    if not raw:
+        return set()
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+        return set((runtime_env.get("env_vars") or {}).keys())
+    except (ValueError, AttributeError):
+        return set()
+
+
 def _refresh_ray_config() -> None:
     """Make this process' (already imported) Ray core re-read ``RAY_AUTH_MODE``, as Ray's own
     default-token path does; otherwise the driver would talk to its new GCS without a token."""
@@ -151,6 +165,9 @@ def start_or_join(
     env = worker_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
+        # Inside `ray job submit` the job's runtime_env wins: add only keys it does not set.
+        taken = _job_env_keys()
+        env = {k: v for k, v in env.items() if k not in taken}
         context = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
                            log_to_driver=log_to_driver)
         return _info(started=False, context=context)

@@ -151,6 +151,7 @@ class RayHooks:
         self.history: list[dict[str, Any]] = []
         self.final_payload: dict[str, Any] | None = None
         self._ready_at: float | None = None  # when the loop asked for its state: data and model built
+        self.final_extra: dict[str, Any] = {}  # added to the final report (e.g. worker_nodes)
 
     def _send(self, payload: dict[str, Any], files: dict[str, Callable[[Path], None]] | None) -> None:
         if not files:
@@ -171,6 +172,7 @@ class RayHooks:
         files: dict[str, Callable[[Path], None]] = {}
         if final:
             payload = self.shape.final(metrics) if self.shape else dict(metrics)
+            payload.update(self.final_extra)
             if self.rank == 0:
                 payload.setdefault("status", "ok")
                 self.final_payload = dict(payload)
@@ -291,6 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     shape = ReportShape(**config["shape"]) if config.get("shape") else None
     hooks = RayHooks("train", rank=rank, out_dir=out_dir if rank == 0 else None, shape=shape,
                      tag=config.get("tag", ""))
+    hooks.final_extra["worker_nodes"] = ",".join(str(n["node_id"]) for n in nodes)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     marker = config.get("marker", "")
     earlier = _marker_exists(marker) if marker else None

@@ -64,8 +64,11 @@ AT_END_BY_METHOD: dict[str, dict[str, str]] = {
     "relational": {},
     "gedi": {"nmi": "max", "acc": "max", "ood_auroc_noise": "max"},
 }
-#: Share of a CPU held by a trial that only drives a TorchTrainer (its workers hold the rest).
-TRIAL_DRIVER_CPU = 0.01
+#: What a trial that only drives a TorchTrainer holds: no CPU (its Train workers hold theirs;
+#: even a tiny CPU share would leave a 1-CPU node unable to place its worker) and a memory
+#: reservation, which also makes it a valid Ray resource request.
+TRIAL_DRIVER_CPU = 0.0
+TRIAL_DRIVER_MEMORY = 256 * 2**20
 STATE_FILE = "rrscale-sweep.json"
 TRIAL_MODES = ("auto", "inprocess", "trainer")
 TUNE_KEYS = {
@@ -461,7 +464,8 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     per_epoch, at_end = known_metrics(cfg)
     opts = {"metric": t.metric, "schedule_metric": t.schedule_metric, "mode": mode,
             "train_storage": f"{storage.rstrip('/')}/{name}/train", "cpus": per_cpu}
-    resources = {"cpu": per_cpu, "gpu": per_gpu} if mode == "inprocess" else {"cpu": TRIAL_DRIVER_CPU}
+    resources = ({"cpu": per_cpu, "gpu": per_gpu} if mode == "inprocess"
+                 else {"cpu": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, opts=opts), resources)
     facts = {"name": name, "storage": storage, "local": local, "mode": mode, "max_concurrent": max_conc,
              "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base}
