@@ -287,6 +287,20 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested ``base`` with dotted ``params`` set, in order.
+
+    Switching ``method.name`` to another method replaces the whole ``method`` section: the other
+    method's keys would be unknown there, and the new method starts from its own defaults.
+    """
+    out = json.loads(json.dumps(base))
+    for path, value in params.items():
+        if path == "method.name" and value != (out.get("method") or {}).get("name"):
+            out["method"] = {}
+        set_dotted(out, path, value)
+    return out
+
+
 def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
     """``"a.b=3"`` -> ``("a.b", 3)``; the value is read as YAML so types come out right."""
     key, sep, raw = text.partition("=")
@@ -352,11 +366,11 @@ def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         raise ConfigError(f"{source}: {path}: expected {expected}{shown}") from None
-    _check_search(cfg, data, source)
+    _check_search(cfg, source)
     return cfg
 
 
-def _check_search(cfg: ExperimentConfig, data: dict[str, Any], source: str) -> None:
+def _check_search(cfg: ExperimentConfig, source: str) -> None:
     """Each axis must name a real key, and each extreme value must give a valid experiment."""
     base = cfg.model_dump(mode="json", exclude={"search"})
     for path, axis in cfg.search.items():
@@ -367,12 +381,7 @@ def _check_search(cfg: ExperimentConfig, data: dict[str, Any], source: str) -> N
             if "." not in cond:
                 raise ConfigError(f"{source}: search.{path}.when.{cond}: expected a dotted key such as method.name")
         for value in axis.extremes():
-            trial = json.loads(json.dumps(base))
-            for cond, cval in axis.when.items():
-                if cond == "method.name" and cval != trial["method"]["name"]:
-                    trial["method"] = {}
-                set_dotted(trial, cond, cval)
-            set_dotted(trial, path, value)
+            trial = apply_params(base, {**axis.when, path: value})
             try:
                 ExperimentConfig.model_validate(trial)
             except ValidationError as exc:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_MINI = SHARED_DATA / "cifar10-mini"
@@ -14,6 +15,10 @@ CIFAR10_FULL = SHARED_DATA / "cifar10"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Ray tests run trial processes beside pytest on 2 cores; OpenMP spin-waiting with 2 threads
+# per process then slows small CPU kernels by 10-70x (measured), so every test process uses 1.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

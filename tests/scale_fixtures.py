@@ -163,3 +163,11 @@ def run_cli(env: RayEnv, *args: str, timeout: float = 300, **extra_env: str) -> 
 
 def mlflow_available() -> bool:
     return (REPO / "rrscale" / "tracking" / "mlflow.py").exists()
+
+
+def _results(trial_dir: Path) -> list[dict[str, Any]]:
+    """The result.json lines Tune wrote for one trial."""
+    import json
+
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

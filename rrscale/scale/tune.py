@@ -509,15 +509,29 @@ def _status_of(result: Any) -> str:
     return "finished" if m.get("final") else "early_stopped"
 
 
+def _first(result: Any, key: str) -> float | None:
+    """The first value of ``key`` among all reports of a trial (e.g. its start-up time)."""
+    try:
+        df = result.metrics_dataframe
+    except Exception:
+        return None
+    if df is None or key not in df:
+        return None
+    values = df[key].dropna()
+    return float(values.iloc[0]) if len(values) else None
+
+
 def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: float) -> dict[str, Any]:
     """Rows per trial, the best finished trial, and counts; writes trials.csv/sweep.json."""
     t = cfg.tune
     rows = []
     for r in results:
         m = r.metrics or {}
+        real = m.get("metric_source", t.metric) == t.metric  # not an epoch's stand-in
         rows.append({"trial_id": m.get("trial_id") or Path(str(r.path)).name, "status": _status_of(r),
-                     "epochs": m.get("epochs", m.get("epoch", 0)), t.metric: m.get(t.metric),
+                     "epochs": m.get("epochs", m.get("epoch", 0)), t.metric: m.get(t.metric) if real else None,
                      "knn_top1": m.get("knn_top1"), "seconds": m.get("time_total_s"),
+                     "startup_seconds": _first(r, "startup_seconds"),
                      **{k: v for k, v in (r.config or {}).items()}})
     finished = [row for row in rows if row["status"] == "finished" and isinstance(row[t.metric], (int, float))]
     sign = 1 if t.mode == "max" else -1
@@ -525,7 +539,7 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
     counts = {s: sum(1 for row in rows if row["status"] == s) for s in ("finished", "early_stopped", "failed")}
     summary = {"trials": len(rows), **counts, "wall_seconds": wall,
                "trials_per_hour": len(rows) / wall * 3600 if wall > 0 else 0.0,
-               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"]}
+               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"], "mode": t.mode}
     best_config: dict[str, Any] = {}
     if best is not None:
         summary[f"best_{t.metric}"] = best[t.metric]
@@ -547,14 +561,23 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
     return summary
 
 
+def _shown(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
 def _print_table(summary: dict[str, Any], metric: str) -> None:
-    rows = sorted(summary["rows"], key=lambda r: (r["status"] != "finished", -(r.get(metric) or -1e9)))
-    print(f"{'trial':<14} {'status':<14} {'epochs':>6} {metric:>11}  sampled")
-    for r in rows:
+    sign = -1 if summary.get("mode", "max") == "max" else 1
+
+    def order(r: dict[str, Any]) -> tuple:
         value = r.get(metric)
-        shown = f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+        return (r["status"] != "finished", sign * value if isinstance(value, (int, float)) else 0.0)
+
+    extra = "" if metric == "knn_top1" else f" {'knn_top1':>9}"
+    print(f"{'trial':<10} {'status':<14} {'epochs':>6} {metric:>11}{extra}  sampled")
+    for r in sorted(summary["rows"], key=order):
         sampled = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if "." in k)
-        print(f"{r['trial_id']:<14} {r['status']:<14} {r['epochs']!s:>6} {shown:>11}  {sampled}")
+        knn = "" if metric == "knn_top1" else f" {_shown(r.get('knn_top1')):>9}"
+        print(f"{r['trial_id']:<10} {r['status']:<14} {r['epochs']!s:>6} {_shown(r.get(metric)):>11}{knn}  {sampled}")
     print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['early_stopped']} stopped early "
           f"by ASHA, {summary['failed']} failed; {summary['trials_per_hour']:.1f} trials/hour")
 
