@@ -17,6 +17,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is shared like any output
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
