@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("status") != "ok":
         return _fail(f"training failed: {summary.get('error', 'unknown error')} (see {out}/summary.json)",
                      EXIT_TRAINING_FAILED)
-    _print_summary(summary, out)
+    _print_summary(summary, out / "summary.json")
     return 0
 
 
@@ -161,7 +161,7 @@ def _train_local(cfg: Any, data: Any, out: Path) -> dict[str, Any]:
     return summary
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
+def _print_summary(summary: dict[str, Any], written: Path) -> None:
     keys = ("probe_top1", "knn_top1", "nmi", "acc", "images_per_s", "epochs", "seconds", "device")
     parts = []
     for k in keys:
@@ -169,7 +169,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             v = summary[k]
             parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
     print("  ".join(parts))
-    print(f"wrote {out / 'summary.json'}")
+    print(f"wrote {written}")
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "probe.json", summary)
-    _print_summary(summary, out)
+    _print_summary(summary, out / "probe.json")
     return 0
 
 
