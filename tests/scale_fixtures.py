@@ -69,19 +69,24 @@ class RayEnv:
 
 
 def _our_pids(markers: list[str]) -> list[int]:
-    """Pids of processes whose command line or environment holds one of ``markers``: this
-    test's own temp dir or random Ray token, which no other process on the machine has. (Ray
-    renames its agents and workers, so the command line alone misses them.)"""
-    needles = [m.encode() for m in markers if m]
+    """Pids of processes that hold one of ``markers`` (this test's own temp dirs or random Ray
+    token, which no other process on the machine has) in their command line, environment,
+    working directory or open files. Ray renames its processes and may overwrite their command
+    line and environment with the title, so the open log files in the test's Ray temp dir and
+    the working directory are what identify those."""
+    needles = [m for m in markers if m]
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            blob = (proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()
+            blob = ((proc / "cmdline").read_bytes() + b"\0" + (proc / "environ").read_bytes()).decode(errors="replace")
+            links = [os.readlink(proc / "cwd")]
+            links += [os.readlink(fd) for fd in (proc / "fd").iterdir()]
         except OSError:
             continue
-        if any(n in blob for n in needles):
+        if any(n in blob for n in needles) or any(link.startswith(n) for link in links for n in needles
+                                                  if n.startswith("/")):
             pids.append(int(proc.name))
     return pids
 
@@ -119,7 +124,6 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayEnv]
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("RRSCALE_TUNE_VERBOSE", "0")
     monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
-    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     monkeypatch.chdir(tmp_path)
     try:
@@ -129,7 +133,7 @@ def ray_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayEnv]
 
         if ray.is_initialized():
             ray.shutdown()
-        end_processes(str(ray_tmp), f"RAY_AUTH_TOKEN={env.token}")
+        end_processes(str(ray_tmp), str(tmp_path), f"RAY_AUTH_TOKEN={env.token}")
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

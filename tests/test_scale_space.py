@@ -12,6 +12,7 @@ from rrscale.config import ConfigError, ExperimentConfig, SearchAxis, load_confi
 from rrscale.scale import space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # TPE group=True
 
 SEARCH = {
     "method.K": {"choice": [2, 4, 8]},

@@ -26,7 +26,7 @@ def _epochs(path: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, method="thread")
 def test_two_workers_summary_matches_local_and_a_killed_worker_resumes(ray_env: RayEnv,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``rrscale train --workers 2``; rank 1 dies (os._exit) at epoch 2 on the first attempt:
@@ -61,7 +61,7 @@ def test_two_workers_summary_matches_local_and_a_killed_worker_resumes(ray_env: 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, method="thread")
 def test_a_killed_worker_mid_trial_resumes_from_its_checkpoint(ray_env: RayEnv,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2-worker trial (a TorchTrainer inside the Tune trial): rank 0 dies at epoch 2."""
@@ -85,7 +85,7 @@ def test_a_killed_worker_mid_trial_resumes_from_its_checkpoint(ray_env: RayEnv,
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300, method="thread")
 def test_divergence_on_two_workers_ends_failed_without_retrying_forever(ray_env: RayEnv) -> None:
     gedi = {"name": "gedi", "clusters": 10, "projector_width": 32, "lambda_gen": 0.0, "divergence_limit": 1e-6}
     data = yaml.safe_load(_tiny(ray_env.tmp).read_text())

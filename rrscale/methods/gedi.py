@@ -235,7 +235,8 @@ class Gedi(nn.Module):
           image; ``ood_auroc_<name>`` for each model-ready set in ``ood`` (e.g. ``svhn``). The
           OOD sets are drawn from a fixed-seed generator, so reruns score the same sets.
         * With ``out_dir``: ``sgld_samples.png``, a grid of SGLD samples (images) or, for
-          vector data, a scatter of samples over the test points on the LSE landscape.
+          vector data, a scatter of samples over the test points coloured by cluster, on
+          the LSE landscape (2-D data).
         """
         out: dict[str, float] = {}
         with eval_mode(self):
@@ -256,7 +257,7 @@ class Gedi(nn.Module):
             for name, x_ood in ood_sets.items():
                 out[f"ood_auroc_{name}"] = auroc(lse_in, self._scores(x_ood)[1])
         if out_dir is not None:
-            self._save_samples(x_test, y_test, Path(out_dir) / "sgld_samples.png")
+            self._save_samples(x_test, Path(out_dir) / "sgld_samples.png")
         return out
 
     def _plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
@@ -267,7 +268,8 @@ class Gedi(nn.Module):
             start = uniform_noise((count, *like.shape[1:]), like.device)
             return langevin(self.lse, start, self.cfg.sgld.steps, self.cfg.sgld.step_size, self.cfg.sgld.noise)
 
-    def _save_samples(self, x_test: torch.Tensor, y_test: torch.Tensor, path: Path) -> None:
+    def _save_samples(self, x_test: torch.Tensor, path: Path) -> None:
+        """Write the sample figure atomically: an image grid, or samples and clusters over 2-D data."""
         from matplotlib.figure import Figure
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +288,10 @@ class Gedi(nn.Module):
             ax.set_title("GEDI SGLD samples")
         else:
             samples = self._plot_samples(x_test, PLOT_SAMPLES * 8).float().cpu().numpy()
-            pts = x_test[:PLOT_POINTS].float().cpu().numpy()
-            labels = y_test[:PLOT_POINTS].cpu().numpy()
+            pts_t = x_test[:PLOT_POINTS]
+            with eval_mode(self):
+                clusters = self._scores(pts_t)[0].cpu().numpy()
+            pts = pts_t.float().cpu().numpy()
             fig = Figure(figsize=(6, 6))
             ax = fig.subplots()
             if pts.shape[1] == 2:
@@ -298,7 +302,8 @@ class Gedi(nn.Module):
                 with eval_mode(self):
                     field = self._scores(grid_pts)[1].cpu().numpy().reshape(gx.shape)
                 ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
-            ax.scatter(pts[:, 0], pts[:, 1], c=labels, s=4, cmap="coolwarm", label="test data")
+            ax.scatter(pts[:, 0], pts[:, 1], c=clusters % 10, s=4, cmap="tab10", vmin=0, vmax=9,
+                       label="test data (colour: cluster)")
             ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
             ax.legend(loc="upper right")
             ax.set_title("GEDI: SGLD samples over data (shading: LSE)")

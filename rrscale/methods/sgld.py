@@ -7,6 +7,14 @@ Secretly an Energy Based Model", ICLR 2020): a replay buffer of past samples, ea
 restarted from U(-1, 1) noise with a small probability, ``steps`` updates
 x <- x + step_size * grad_x LSE(x) + noise * eps, eps ~ N(0, I), and the end points written back.
 
+Precision: the sampler runs under whatever autocast the caller has (bf16 on CUDA in the
+engine). The chain state, the update and the buffer stay fp32, and GEDI computes its logits
+and LSE in fp32; only the network's matmuls/convolutions run in bf16. Measured with CPU bf16
+autocast on conv4 (batch, group and no norm) at tau = 0.1: the bf16 input gradient has cosine
+similarity >= 0.97 (mean 0.99) with the fp32 one and 20-step chains end within 2.5% (relative
+to the distance moved) of the fp32 chains; keeping the whole sampler in fp32 would slow the
+dominant cost of a GEDI step for no measurable gain. ``tests/test_gedi.py`` keeps this checked.
+
 The buffer lives on the data's device (no host round trip per step) and the whole batch of
 chains is updated at once. It is created on the first call, in the shape of the data, so a
 method that never samples (GEDI with lambda_gen = 0) never allocates it. It is not part of a

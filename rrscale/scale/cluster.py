@@ -140,15 +140,21 @@ def _job_env_keys() -> set[str]:
         return set()
 
 
-def _refresh_ray_config() -> None:
-    """Make this process' (already imported) Ray core re-read ``RAY_AUTH_MODE``, as Ray's own
-    default-token path does; otherwise the driver would talk to its new GCS without a token."""
-    try:
-        from ray._raylet import Config
+def _refresh_ray_config(mode_changed: bool) -> None:
+    """Make this process' (already imported) Ray core re-read ``RAY_AUTH_MODE`` and the token.
 
-        Config.initialize("")
-    except Exception as exc:  # an older/newer Ray without it: the env var still reaches the cluster
-        print(f"rrscale: warning: could not refresh Ray's auth mode: {exc}", file=sys.stderr)
+    Ray caches both in C++ at first use. Ray's own default-token path re-initialises the config
+    the same way after setting the variable; without it the driver would talk to the GCS it
+    just started without a token (or, in a long-lived process, with an earlier token).
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        if mode_changed:
+            Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except Exception as exc:  # another Ray version: the variables still reach the cluster
+        print(f"rrscale: warning: could not refresh Ray's auth settings: {exc}", file=sys.stderr)
 
 
 def start_or_join(
@@ -166,14 +172,16 @@ def start_or_join(
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         # Inside `ray job submit` the job's runtime_env wins: add only keys it does not set.
+        _refresh_ray_config(mode_changed=False)
         taken = _job_env_keys()
         env = {k: v for k, v in env.items() if k not in taken}
         context = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
                            log_to_driver=log_to_driver)
         return _info(started=False, context=context)
-    if AUTH_MODE_ENV not in os.environ:
+    mode_changed = AUTH_MODE_ENV not in os.environ
+    if mode_changed:
         os.environ[AUTH_MODE_ENV] = "token"
-        _refresh_ray_config()
+    _refresh_ray_config(mode_changed)
     # The raylet and every worker inherit this process' environment: set PYTHONPATH here
     # instead of a job runtime_env, which would make Ray set up an env per worker.
     os.environ.update(env)

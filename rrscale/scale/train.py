@@ -112,13 +112,19 @@ def _crash_spec() -> dict[str, str] | None:
 
 
 def _maybe_crash(rank: int, epoch: int) -> None:
-    """Test-only: ``os._exit`` this worker at the given epoch, on the first attempt only."""
+    """Test-only: ``os._exit`` this worker at the given epoch, on the first attempt only.
+
+    It waits ``delay`` seconds first (default 3) so that Ray Train's controller has collected
+    the previous epoch's report, as it would have in a run whose epochs take longer than the
+    controller's poll interval; the tiny test epochs take a tenth of a second.
+    """
     spec = _crash_spec()
     if not spec or int(spec.get("rank", -1)) != rank or int(spec.get("epoch", -1)) != epoch:
         return
     marker = Path(spec["marker"])
     if marker.exists():
         return
+    time.sleep(float(spec.get("delay", 3)))
     marker.write_text(json.dumps({"rank": rank, "epoch": epoch, "pid": os.getpid()}))
     os._exit(17)
 
@@ -199,15 +205,19 @@ class RayHooks:
         self._send(payload, files if self.rank == 0 else None)
 
     def load_state(self) -> dict[str, Any] | None:
+        """Ray's latest checkpoint, else (rank 0's) ``OUT/checkpoint.pt``; every rank resumes
+        from rank 0's choice (broadcast), so no two ranks can start at different epochs."""
         self._ready_at = time.time()
         state = None
-        ckpt = self._api.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                path = Path(d) / CHECKPOINT_FILE
-                state = load_checkpoint(path) if path.exists() else None
-        if state is None and self.local is not None:
-            state = self.local.load_state()
+        if self.rank == 0:
+            ckpt = self._api.get_checkpoint()
+            if ckpt is not None:
+                with ckpt.as_directory() as d:
+                    path = Path(d) / CHECKPOINT_FILE
+                    state = load_checkpoint(path) if path.exists() else None
+            if state is None and self.local is not None:
+                state = self.local.load_state()
+        state = _broadcast_from_rank0(state)
         if state is not None:
             self.history = list(state.get("history", []))
             if self.shape is not None and self.history:
@@ -227,6 +237,17 @@ class RayHooks:
             files = {DIVERGED_FILE: lambda p: p.write_text(json.dumps(failed, default=str))}
         self._send(payload, files)
         return payload
+
+
+def _broadcast_from_rank0(obj: Any) -> Any:
+    """``obj`` of rank 0 on every rank (identity without a process group)."""
+    import torch.distributed as torch_dist
+
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def checkpoint_file(ckpt: Any, name: str) -> dict[str, Any] | None:
@@ -296,7 +317,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     hooks.final_extra["worker_nodes"] = ",".join(str(n["node_id"]) for n in nodes)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     marker = config.get("marker", "")
-    earlier = _marker_exists(marker) if marker else None
+    earlier = _broadcast_from_rank0(_marker_exists(marker) if marker and rank == 0 else None)
     if earlier is not None:
         hooks.report_failure(str(earlier.get("error", "training diverged")))
         return hooks.final_payload if rank == 0 else None
