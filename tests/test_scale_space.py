@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from rrscale.config import ConfigError, ExperimentConfig, SearchAxis, load_config, validate
+from rrscale.config import ConfigError, ExperimentConfig, load_config, validate
 from rrscale.scale import space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -118,10 +118,8 @@ def test_gedi_only_axes_exist_only_in_gedi_sweeps(method: str) -> None:
 
 
 def test_a_sampled_method_switch_resets_the_method_section() -> None:
-    # config.py does not accept method.name as an axis yet; the mapping itself supports it
-    search = {k: SearchAxis.model_validate(v) for k, v in
-              {"method.name": {"choice": ["relational", "gedi"]}, **SPLIT}.items()}
-    base = space.base_dict(_cfg({"train.lr": {"loguniform": [1e-4, 1e-2]}}, method={"K": 8}))
+    cfg = _cfg({"method.name": {"choice": ["relational", "gedi"]}, **SPLIT}, method={"K": 8})
+    search, base = cfg.search, space.base_dict(cfg)
     study = _study(seed=5)
     names = set()
     for _ in range(12):

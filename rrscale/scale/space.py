@@ -11,7 +11,6 @@ Pure Optuna + config: no Ray here, so the unit tests drive it with ``study.ask()
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -25,7 +24,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from rrscale.config import ConfigError, ExperimentConfig, SearchAxis, flatten, set_dotted, validate
+from rrscale.config import ConfigError, ExperimentConfig, SearchAxis, apply_params, flatten, validate
 
 _SCALAR = (str, int, float, bool, type(None))
 
@@ -71,20 +70,6 @@ def axis_order(search: Mapping[str, SearchAxis]) -> list[str]:
     for path in search:
         visit(path, [])
     return order
-
-
-def apply_params(base: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of nested ``base`` with each dotted ``params`` value set.
-
-    Switching ``method.name`` to another method replaces the whole ``method`` section (the
-    other method's keys would be unknown there), exactly as config.py's search check does.
-    """
-    out = copy.deepcopy(base)
-    for path, value in params.items():
-        if path == "method.name" and value != (out.get("method") or {}).get("name"):
-            out["method"] = {}
-        set_dotted(out, path, value)
-    return out
 
 
 def condition_holds(axis: SearchAxis, values: Mapping[str, Any]) -> bool:
