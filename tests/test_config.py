@@ -115,3 +115,15 @@ def test_search_axes_parse_and_gate() -> None:
 def test_bad_set_syntax(text: str) -> None:
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         parse_override(text)
+
+
+def test_vector_data_defaults_fill_only_unset_keys() -> None:
+    cfg = load_config(None, ["data.name=moons", "method.name=gedi", "method.tau=0.5"])
+    assert cfg.backbone.name == "mlp" and cfg.method.clusters == 2 and cfg.method.tau == 0.5
+    assert cfg.method.sgld.step_size == 0.005 and cfg.train.lr == 3.0e-4
+    rr = load_config(None, ["data.name=circles"])
+    assert rr.backbone.name == "mlp" and rr.train.lr == 0.001
+    with pytest.raises(ConfigError, match="backbone.name: expected mlp"):
+        load_config(None, ["data.name=moons", "backbone.name=conv4"])
+    with pytest.raises(ConfigError, match="backbone.name: expected an image backbone"):
+        load_config(None, ["backbone.name=mlp"])
