@@ -131,55 +131,27 @@ def _stage(in_channels: int, out_channels: int, blocks: int, stride: int, norm: 
     return nn.Sequential(*layers)
 
 
-class CifarResNet(nn.Module):
-    """CIFAR ResNet-(6n+2) of He et al. 2016 §4.2: 3x3 stride-1 stem, stages 16/32/64.
-
-    ``blocks`` = (1,1,1) is ResNet-8, (5,5,5) ResNet-32, (9,9,9) ResNet-56.
-    ``(N, C_in, H, W) -> (N, 64)``.
-    """
-
-    WIDTHS = (16, 32, 64)
-
-    def __init__(self, blocks: tuple[int, int, int], in_channels: int = 3, norm: str = "batch") -> None:
-        super().__init__()
-        w0 = self.WIDTHS[0]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, w0, 3, padding=1, bias=False),
-            make_norm(norm, w0, spatial=True),
-            nn.ReLU(inplace=True),
-        )
-        stages = []
-        prev = w0
-        for i, (width, count) in enumerate(zip(self.WIDTHS, blocks)):
-            stages.append(_stage(prev, width, count, 1 if i == 0 else 2, norm))
-            prev = width
-        self.stages = nn.Sequential(*stages)
-        self.feature_dim = self.WIDTHS[-1]
-        init_conv_and_norm(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _global_pool(self.stages(self.stem(x)))
-
-
 class ResNet(nn.Module):
-    """torchvision-style ResNet-18/34 (He et al. 2016), stages 64/128/256/512, BasicBlocks.
+    """BasicBlock ResNets of He et al. 2016: the CIFAR family and the torchvision-style 18/34.
 
-    ``stem="imagenet"`` keeps the 7x7 stride-2 conv + 3x3 max-pool, as the RR paper did even on
-    32x32 images; ``stem="cifar"`` is a 3x3 stride-1 conv without max-pool. The choice is an
-    explicit config field, never inferred from the dataset. ``(N, C_in, H, W) -> (N, 512)``.
+    ``widths`` (16, 32, 64) with ``stem="cifar"`` and ``blocks`` (1,1,1) / (5,5,5) / (9,9,9) are
+    the CIFAR ResNet-8/32/56 of §4.2 (64-d features); widths (64, 128, 256, 512) with blocks
+    (2,2,2,2) / (3,4,6,3) are ResNet-18/34 (512-d). ``stem="imagenet"`` keeps the 7x7 stride-2
+    conv + 3x3 max-pool, as the RR paper did even on 32x32 images; ``stem="cifar"`` is a 3x3
+    stride-1 conv without max-pool. The stem is an explicit config field, never inferred from
+    the dataset. ``(N, C_in, H, W) -> (N, widths[-1])``.
     """
-
-    WIDTHS = (64, 128, 256, 512)
 
     def __init__(
         self,
-        blocks: tuple[int, int, int, int],
+        blocks: tuple[int, ...],
+        widths: tuple[int, ...],
         in_channels: int = 3,
         norm: str = "batch",
         stem: str = "imagenet",
     ) -> None:
         super().__init__()
-        w0 = self.WIDTHS[0]
+        w0 = widths[0]
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, w0, 7, stride=2, padding=3, bias=False),
@@ -197,15 +169,19 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown stem {stem!r}; expected one of: imagenet, cifar")
         stages = []
         prev = w0
-        for i, (width, count) in enumerate(zip(self.WIDTHS, blocks)):
+        for i, (width, count) in enumerate(zip(widths, blocks)):
             stages.append(_stage(prev, width, count, 1 if i == 0 else 2, norm))
             prev = width
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = self.WIDTHS[-1]
+        self.feature_dim = widths[-1]
         init_conv_and_norm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _global_pool(self.stages(self.stem(x)))
+
+
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 
 class MLPBackbone(nn.Module):
@@ -253,11 +229,15 @@ BackboneFactory = Callable[[BackboneConfig, int | None, int | None], nn.Module]
 
 BACKBONES: dict[str, BackboneFactory] = {
     "conv4": lambda cfg, c, d: Conv4(_image_channels(cfg, c), cfg.norm),
-    "resnet8": lambda cfg, c, d: CifarResNet((1, 1, 1), _image_channels(cfg, c), cfg.norm),
-    "resnet32": lambda cfg, c, d: CifarResNet((5, 5, 5), _image_channels(cfg, c), cfg.norm),
-    "resnet56": lambda cfg, c, d: CifarResNet((9, 9, 9), _image_channels(cfg, c), cfg.norm),
-    "resnet18": lambda cfg, c, d: ResNet((2, 2, 2, 2), _image_channels(cfg, c), cfg.norm, cfg.stem),
-    "resnet34": lambda cfg, c, d: ResNet((3, 4, 6, 3), _image_channels(cfg, c), cfg.norm, cfg.stem),
+    "resnet8": lambda cfg, c, d: ResNet((1, 1, 1), CIFAR_WIDTHS, _image_channels(cfg, c), cfg.norm, "cifar"),
+    "resnet32": lambda cfg, c, d: ResNet((5, 5, 5), CIFAR_WIDTHS, _image_channels(cfg, c), cfg.norm, "cifar"),
+    "resnet56": lambda cfg, c, d: ResNet((9, 9, 9), CIFAR_WIDTHS, _image_channels(cfg, c), cfg.norm, "cifar"),
+    "resnet18": lambda cfg, c, d: ResNet(
+        (2, 2, 2, 2), IMAGENET_WIDTHS, _image_channels(cfg, c), cfg.norm, cfg.stem
+    ),
+    "resnet34": lambda cfg, c, d: ResNet(
+        (3, 4, 6, 3), IMAGENET_WIDTHS, _image_channels(cfg, c), cfg.norm, cfg.stem
+    ),
     "mlp": lambda cfg, c, d: MLPBackbone(_vector_dim(cfg, d), cfg.mlp_width, cfg.mlp_depth, cfg.norm),
 }
 VECTOR_BACKBONES = ("mlp",)
