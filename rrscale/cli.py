@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers = cfg.scaling.num_workers if args.workers is None else args.workers
         if workers < 0:
             raise ConfigError(f"--workers: expected an integer >= 0 (got {workers})")
-        data = load_data(cfg.data, seed=cfg.train.seed) if workers == 0 else None
+        data = load_data(cfg.data, seed=cfg.train.seed)  # on the driver: fails before anything starts
     except ConfigError as exc:
         return _fail(str(exc))
     except DataError as exc:
@@ -225,13 +225,18 @@ def probe_checkpoint(cfg: Any, state: dict[str, Any], data: Any) -> dict[str, An
 def cmd_tune(args: argparse.Namespace) -> int:
     from rrscale.config import ConfigError, load_config
 
+    from rrscale.data.sources import DataError, load_data
+
     try:
         cfg = load_config(args.file, args.overrides)
         from rrscale.scale.tune import check_tune_config, run_tune
 
         check_tune_config(cfg, args.file)
+        load_data(cfg.data, seed=cfg.train.seed)  # fails before Ray starts; warms the decode cache
     except ConfigError as exc:
         return _fail(str(exc))
+    except DataError as exc:
+        return _fail(f"{args.file}: {exc}")
     return run_tune(cfg, Path(args.file), resume=args.resume)
 
 

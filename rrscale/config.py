@@ -68,7 +68,8 @@ class DataConfig(_Section):
     @field_validator("root", "probe_root")
     @classmethod
     def _expand(cls, v: str) -> str:
-        return os.path.expanduser(v) if v else v
+        """Absolute at load time: Ray runs trials in other working directories."""
+        return os.path.abspath(os.path.expanduser(v)) if v else v
 
 
 class BackboneConfig(_Section):
@@ -468,7 +469,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             set_dotted(data, key, value)
     if overrides:
         source = f"{source} with --set"
-    return validate(data, source)
+    cfg = validate(data, source)
+    env_root = os.environ.get(DATA_ROOT_ENV, "")
+    if not cfg.data.root and env_root:
+        cfg.data.root = os.path.abspath(os.path.expanduser(env_root))
+    return cfg
 
 
 def resolve_data_root(cfg: DataConfig) -> str:

@@ -127,3 +127,13 @@ def test_vector_data_defaults_fill_only_unset_keys() -> None:
         load_config(None, ["data.name=moons", "backbone.name=conv4"])
     with pytest.raises(ConfigError, match="backbone.name: expected an image backbone"):
         load_config(None, ["backbone.name=mlp"])
+
+
+def test_data_roots_are_pinned_absolute_on_the_driver(tmp_path: Path, monkeypatch) -> None:
+    """Ray runs trials in other working directories, so a relative root must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=rel/data", "data.probe_root=~/p"])
+    assert cfg.data.root == str(tmp_path / "rel" / "data") and Path(cfg.data.probe_root).is_absolute()
+    monkeypatch.setenv("RRSCALE_DATA_ROOT", "envdata")
+    assert load_config(None).data.root == str(tmp_path / "envdata")
+    assert load_config(None, ["data.root=/x"]).data.root == "/x"
