@@ -18,20 +18,19 @@ and its error instead of stopping the benchmark.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import result_header
 from rrscale.config import ExperimentConfig, load_config
 from rrscale.data.sources import load_data
 from rrscale.engine.clustering import cluster_acc, kmeans, nmi
 from rrscale.engine.evaluate import extract_features
-from rrscale.engine.loop import LocalHooks, describe_device, fit, final_evaluation, pick_device
+from rrscale.engine.loop import LocalHooks, fit, final_evaluation, pick_device
 from rrscale.methods.base import TrainingDiverged
 
 MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-mini"
@@ -109,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     payload = {
-        "benchmark": "gedi_clustering",
-        "device": describe_device(device),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **result_header("gedi_clustering", device),
         "dataset": args.root,
         "train_images": len(data.train.x),
         "test_images": len(data.probe_test.x),

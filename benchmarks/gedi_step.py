@@ -19,19 +19,15 @@ the budget set for it is 25x.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from common import result_header, timed, timing_method
 from rrscale.config import load_config
-from rrscale.engine.loop import describe_device, train_step
-from rrscale.methods import build_method
+from rrscale.engine.loop import train_step
 
 BUDGET = 25.0
 ROWS: dict[str, list[str]] = {
@@ -42,46 +38,18 @@ ROWS: dict[str, list[str]] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(step: Callable[[], object], steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step after ``warmup`` untimed steps, CUDA-synchronised (wall clock on CPU)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0 / steps
-    tic = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - tic) / steps
-
-
 def measure(name: str, overrides: list[str], args: argparse.Namespace, device: torch.device) -> dict:
     """Seconds per step of one method on random [-1, 1] views of shape (K*n, 3, 32, 32)."""
     cfg = load_config(None, [f"backbone.name={args.backbone}", f"train.batch_size={args.batch}", *overrides])
-    torch.manual_seed(0)
     cuda = device.type == "cuda"
-    method = build_method(cfg, 3, None).to(device)
-    if cuda:
-        method = method.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    method = timing_method(cfg, device)
     optimizer = torch.optim.Adam(method.parameters(), lr=cfg.train.lr)
     k, n = int(method.views_per_image), args.batch
     views = torch.rand(k * n, 3, 32, 32, device=device) * 2 - 1
     if cuda:
         views = views.contiguous(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _timed(lambda: train_step(method, optimizer, views, n, amp=cuda), args.steps, args.warmup, device)
+    seconds = timed(lambda: train_step(method, optimizer, views, n, amp=cuda), args.steps, args.warmup, device)
     return {
         "row": name,
         "overrides": overrides,
@@ -101,11 +69,7 @@ def run_device(device: torch.device, args: argparse.Namespace) -> dict:
         rows[name] = row
     ratio = rows["gedi"]["seconds_per_step"] / rows["gedi_nogen"]["seconds_per_step"]
     return {
-        "benchmark": "gedi_step",
-        "device": describe_device(device),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **result_header("gedi_step", device),
         "backbone": args.backbone,
         "batch": args.batch,
         "amp_bf16": device.type == "cuda",

@@ -21,12 +21,9 @@ are recorded per row; the process holds the CIFAR-10 training set while measurin
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +31,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from common import result_header, timed, timing_method
 from rrscale.config import ExperimentConfig, load_config
 from rrscale.data.sources import load_data
 from rrscale.data.views import ImageViews
-from rrscale.engine.loop import describe_device, train_step
+from rrscale.engine.loop import train_step
 from rrscale.methods import build_method
 from rrscale.methods.relational import aggregate, focal_loss
 
@@ -55,23 +53,6 @@ def _config(backbone: str, k: int, n: int, root: str) -> ExperimentConfig:
 
 def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Seconds per step after ``warmup`` untimed steps (CUDA-synchronised)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    tic = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - tic) / steps
 
 
 class _OfficialStyleViews(torch.utils.data.Dataset):
@@ -116,12 +97,8 @@ def _official_style_step(method, optimizer, batch: list[torch.Tensor], device: t
 
 def measure_row(backbone: str, k: int, n: int, args, data, device: torch.device) -> dict:
     cfg = _config(backbone, k, n, args.root)
-    torch.manual_seed(0)
     cuda = device.type == "cuda"
-    method = build_method(cfg, 3, None).to(device)
-    if cuda:
-        method = method.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+    method = timing_method(cfg, device)
     model = torch.compile(method) if args.compile else method
     optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
     x_dev = data.train.x.to(device)
@@ -144,8 +121,8 @@ def measure_row(backbone: str, k: int, n: int, args, data, device: torch.device)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    t_ceiling = _timed(ceiling, args.steps, args.warmup, device)
-    t_e2e = _timed(e2e, args.steps, args.warmup, device)
+    t_ceiling = timed(ceiling, args.steps, args.warmup, device)
+    t_e2e = timed(e2e, args.steps, args.warmup, device)
     row = {
         "backbone": backbone, "K": k, "N": n,
         "e2e_images_per_s": n / t_e2e,
@@ -154,7 +131,7 @@ def measure_row(backbone: str, k: int, n: int, args, data, device: torch.device)
         "peak_device_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
     }
     with torch.no_grad():
-        row["views_ms_per_step"] = 1000 * _timed(lambda: views(x_dev[:n], k, gen), args.steps, 2, device)
+        row["views_ms_per_step"] = 1000 * timed(lambda: views(x_dev[:n], k, gen), args.steps, 2, device)
     if args.baseline:
         ds = _OfficialStyleViews(data.train.x.numpy(), k, data.train.mean, data.train.std)
         loader = torch.utils.data.DataLoader(ds, batch_size=n, shuffle=True, num_workers=2, drop_last=True,
@@ -162,7 +139,7 @@ def measure_row(backbone: str, k: int, n: int, args, data, device: torch.device)
         it = iter(loader)
         off_method = build_method(cfg, 3, None).to(device)
         off_opt = torch.optim.Adam(off_method.parameters(), lr=1e-3)
-        t_off = _timed(lambda: _official_style_step(off_method, off_opt, next(it), device),
+        t_off = timed(lambda: _official_style_step(off_method, off_opt, next(it), device),
                        args.baseline_steps, 3, device)
         row["official_style_images_per_s"] = n / t_off
         row["e2e_over_official_style"] = t_off / t_e2e
@@ -191,11 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         results.append(row)
     payload = {
-        "benchmark": "throughput",
-        "device": describe_device(device),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **result_header("throughput", device),
         "dataset": args.root or "synthetic (50,000 images)",
         "train_images_resident": len(data.train.x),
         "compile": args.compile,
