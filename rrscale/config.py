@@ -155,13 +155,15 @@ class TrainConfig(_Section):
 
 
 class ProbeConfig(_Section):
-    """Linear evaluation protocol of the paper, plus the kNN monitor."""
+    """Linear evaluation protocol of the paper, plus the per-epoch monitors (kNN, online probe)."""
 
     epochs: int = Field(100, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.001, gt=0.0)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0.0)
+    online: bool = Field(True, description="train an online linear probe during SSL and report "
+                         "online_probe_top1 every epoch (only when the training images have labels)")
 
 
 class ScalingConfig(_Section):
