@@ -58,8 +58,9 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 
-#: Metrics every run reports each epoch, by direction; plus per method.
-PER_EPOCH = {"loss": "min", "knn_top1": "max"}
+#: Metrics every run reports each epoch, by direction; plus per method. ``online_probe_top1``
+#: needs labelled training images and ``probe.online`` (checked in :func:`check_tune_config`).
+PER_EPOCH = {"loss": "min", "knn_top1": "max", "online_probe_top1": "max"}
 PER_EPOCH_BY_METHOD = {"relational": {"relation_acc": "max"}, "gedi": {"unif": "min", "inv": "min"}}
 #: Metrics only the final report carries.
 AT_END = {"probe_top1": "max"}
@@ -73,6 +74,7 @@ AT_END_BY_METHOD: dict[str, dict[str, str]] = {
 TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 STATE_FILE = "rrscale-sweep.json"
+ONLINE_PROBE = "online_probe_top1"
 TRIAL_MODES = ("auto", "inprocess", "trainer")
 TUNE_KEYS = {
     "timestamp", "pid", "time_this_iter_s", "time_total_s", "training_iteration", "iterations_since_restore",
@@ -104,6 +106,19 @@ def known_metrics(cfg: ExperimentConfig) -> tuple[dict[str, str], dict[str, str]
         per_epoch.update({k: v for k, v in PER_EPOCH_BY_METHOD.get(m, {}).items() if k in common_epoch})
         at_end.update({k: v for k, v in AT_END_BY_METHOD.get(m, {}).items() if k in common_end})
     return per_epoch, at_end
+
+
+def _check_online_probe(cfg: ExperimentConfig, fail: Any) -> None:
+    """What every trial needs to report ``online_probe_top1`` each epoch (see engine/loop.py)."""
+    why = f"(tune.metric / tune.schedule_metric is {ONLINE_PROBE})"
+    if False in _extremes(cfg, "probe.online", cfg.probe.online):
+        fail("probe.online", f"true {why}")
+    if cfg.data.probe_name:
+        fail("data.probe_name", f"empty: the online probe is trained and scored on the training dataset {why}")
+    if cfg.data.name == "stl10":
+        fail("data.name", f"a dataset whose training images have labels (STL-10 trains on unlabelled ones) {why}")
+    if min(int(v) for v in _extremes(cfg, "data.knn_subset", cfg.data.knn_subset)) < 1:
+        fail("data.knn_subset", f"at least 1 (the online probe is scored on that many held-out images) {why}")
 
 
 def _extremes(cfg: ExperimentConfig, dotted: str, current: Any) -> list[Any]:
@@ -172,6 +187,8 @@ def check_tune_config(cfg: ExperimentConfig, path: str | Path, *, requested_mode
     epochs = [int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs)]
     if min(epochs) < 1:
         fail("train.epochs", "at least 1 for a sweep")
+    if ONLINE_PROBE in (t.metric, t.schedule_metric):
+        _check_online_probe(cfg, fail)
     uses_knn = "knn_top1" in (t.metric, t.schedule_metric) or t.metric in at_end
     if uses_knn:
         if cfg.train.knn_every != 1 and (t.scheduler == "asha" or t.metric == "knn_top1" or t.metric in at_end):
