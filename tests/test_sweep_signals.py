@@ -73,7 +73,8 @@ def test_same_seed_sweeps_sample_the_same_configs_and_make_the_same_asha_decisio
 
 
 def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> None:
-    """Every trial, stopped ones included, ends in MLflow with its last epoch's online probe."""
+    """Every trial, stopped ones included, ends in MLflow (and in `rrscale runs`) with its last
+    epoch's online probe, and MLflow holds it for every epoch."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient(env.tracking_uri)
@@ -90,3 +91,8 @@ def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> Non
         logged = {(m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id, ONLINE_PROBE)}
         assert logged == {(r["epoch"], round(r[ONLINE_PROBE], 6)) for r in epochs}, row["status"]
         assert run.data.metrics[ONLINE_PROBE] == pytest.approx(epochs[-1][ONLINE_PROBE])
+    from rrscale.tracking.compare import load_sweep, table
+
+    headers, cells, _ = table(load_sweep(client, exp, env.tracking_uri, sweep=name))  # `rrscale runs`
+    column = headers.index(ONLINE_PROBE)
+    assert len(cells) == len(rows) and all(row[column] != "-" for row in cells), cells

@@ -60,7 +60,7 @@ PRIORITY_AXES = (
 )
 #: Axes that get a "score vs axis" plot when they vary.
 PLOT_AXES = ("method.K", "method.aggregation", "method.head_width", "train.lr")
-SCORE_METRICS = ("probe_top1", "knn_top1", "nmi", "acc")
+SCORE_METRICS = ("probe_top1", "online_probe_top1", "knn_top1", "nmi", "acc")
 COST_METRICS = (("seconds", "train s", 1), ("images_per_s", "img/s", 0), ("gpu_seconds", "GPU s", 1),
                 ("cpu_seconds", "CPU s", 1))
 MAX_AXES = 8
