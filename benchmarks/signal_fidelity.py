@@ -149,12 +149,22 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if len(seeds) >= 2:
             a, b = ([r["probe_top1"] for r in by_seed[s]] for s in seeds[:2])
             diff = np.abs(np.asarray(a) - np.asarray(b))
+            centred = np.abs((np.asarray(a) - np.mean(a)) - (np.asarray(b) - np.mean(b)))
             entry["noise_floor"] = {
                 "spearman_between_seeds": _spearman(a, b),
                 "mean_abs_diff_between_seeds": float(diff.mean()), "max_abs_diff_between_seeds": float(diff.max()),
+                # the seed also picks the 2,000-image subset: without the per-seed mean shift
+                "mean_abs_diff_between_seeds_centred": float(centred.mean()),
                 "std_between_configs": float(np.mean([np.std(a), np.std(b)])),
                 "top3_shared_between_seeds": len(_top(a, TOP) & _top(b, TOP)),
             }
+        entry["mean_over_seeds"] = {
+            signal: {"spearman_probe_top1": np.mean(list(per["probe_top1"].values()), axis=0).round(3).tolist(),
+                     "spearman_probe100_top1": np.mean(list(per["probe100_top1"].values()), axis=0).round(3).tolist(),
+                     "top3_kept_asha": np.mean(list(entry["top3_kept_asha"][signal].values()), axis=0).tolist(),
+                     "top3_kept_single_cut": np.mean(list(entry["top3_kept_single_cut"][signal].values()),
+                                                     axis=0).tolist()}
+            for signal, per in entry["spearman"].items()}
         entry["random_cut_expected_top3_kept"] = {"single_cut": TOP / 2, "asha": [TOP / 2**(i + 1)
                                                                                   for i in range(len(ASHA_RUNGS))]}
         out[dataset] = entry
@@ -237,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": [dict(zip(("method.K", "method.aggregation", "method.head_width", "train.lr"), c))
                     for c in CONFIGS[: args.configs]],
         "wall_seconds_this_invocation": time.perf_counter() - tic,
+        "train_seconds_all_runs": sum(r["train_seconds"] for r in runs),
         "analysis": analysis,
         "runs": runs,
     }
