@@ -42,7 +42,7 @@ from rrscale.data.sources import load_data
 from rrscale.data.views import build_views
 from rrscale.engine import loop
 from rrscale.engine.online_probe import PROBE_LR, OnlineProbe, probe_batch
-from signal_fidelity import CONFIGS, QUICKSTART, overrides
+from signal_fidelity import QUICKSTART, config_dict, overrides
 
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 VARIANT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -144,14 +144,14 @@ def variants(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     runs = []
     data = None
     for index in range(args.configs):
-        cfg = load_config(QUICKSTART, overrides("cifar10-mini", 1, CONFIGS[index]))
+        cfg = load_config(QUICKSTART, overrides("cifar10-mini", 1, config_dict("axes", index)))
         data = data or load_data(cfg.data, seed=cfg.train.seed)
         log: list[dict[str, float]] = []
         factory = lambda c, d, m, dev: _SideBySide(c, d, m, dev, log)  # noqa: E731
         with mock.patch.object(loop, "_online_probe", factory):
             result = loop.fit(cfg, data, hooks=loop.LocalHooks(None), device=device)
         final = loop.final_evaluation(cfg, result.method, data, device, None)["probe_top1"]
-        runs.append({"config": CONFIGS[index], "probe_top1": final, "epochs": log})
+        runs.append({"config": config_dict("axes", index), "probe_top1": final, "epochs": log})
         print(f"config {index}: probe {final:.3f}", file=sys.stderr, flush=True)
     names = list(runs[0]["epochs"][0])
     finals = [r["probe_top1"] for r in runs]

@@ -110,15 +110,15 @@ def known_metrics(cfg: ExperimentConfig) -> tuple[dict[str, str], dict[str, str]
 
 def _check_online_probe(cfg: ExperimentConfig, fail: Any) -> None:
     """What every trial needs to report ``online_probe_top1`` each epoch (see engine/loop.py)."""
-    why = f"(tune.metric / tune.schedule_metric is {ONLINE_PROBE})"
+    why = f"(for {ONLINE_PROBE} in tune.metric / tune.schedule_metric; knn_top1 needs no training labels)"
     if False in _extremes(cfg, "probe.online", cfg.probe.online):
         fail("probe.online", f"true {why}")
     if cfg.data.probe_name:
-        fail("data.probe_name", f"empty: the online probe is trained and scored on the training dataset {why}")
+        fail("data.probe_name", f"empty: the online probe learns and is scored on the training set {why}")
     if cfg.data.name == "stl10":
-        fail("data.name", f"a dataset whose training images have labels (STL-10 trains on unlabelled ones) {why}")
+        fail("data.name", f"a dataset with labelled training images (STL-10 trains on unlabelled ones) {why}")
     if min(int(v) for v in _extremes(cfg, "data.knn_subset", cfg.data.knn_subset)) < 1:
-        fail("data.knn_subset", f"at least 1 (the online probe is scored on that many held-out images) {why}")
+        fail("data.knn_subset", f"at least 1 (the online probe is scored on that many test images) {why}")
 
 
 def _extremes(cfg: ExperimentConfig, dotted: str, current: Any) -> list[Any]:
