@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +189,7 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot(analysis: dict[str, Any], path: Path) -> None:
+def plot(analysis: dict[str, Any], path: Path, family: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +213,8 @@ def plot(analysis: dict[str, Any], path: Path) -> None:
         ax.set_xticks(epochs)
         ax.set_xlabel("epoch")
         ax.set_ylabel("Spearman with final probe_top1")
-        ax.set_title(f"{dataset}: {entry['configs']} configs, seeds {entry['seeds']} (dots: per seed)")
+        what = "augmentation strengths" if family == "augment" else "configs"
+        ax.set_title(f"{dataset}: {entry['configs']} {what}, seeds {entry['seeds']} (dots: per seed)", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -239,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     count = args.configs or FAMILIES[args.family]
     cached = [json.loads(line) for line in args.runs.read_text().splitlines()] if args.runs.exists() else []
     done = {(r.get("family", "axes"), r["dataset"], r["seed"], r["index"]) for r in cached}
-    tic = time.perf_counter()
     for dataset in args.datasets if not args.analyse_only else []:
         for seed in args.seeds:
             todo = [i for i in range(count) if (args.family, dataset, seed, i) not in done]
@@ -268,13 +267,12 @@ def main(argv: list[str] | None = None) -> int:
                  "kNN k=50 on 2,000 bank / 1,000 query images, probe 20 epochs (and 100)",
         "family": args.family,
         "configs": [config_dict(args.family, i) for i in range(count)],
-        "wall_seconds_this_invocation": time.perf_counter() - tic,
         "train_seconds_all_runs": sum(r["train_seconds"] for r in runs),
         "analysis": analysis,
         "runs": runs,
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    plot(analysis, path.with_suffix(".png"))
+    plot(analysis, path.with_suffix(".png"), args.family)
     print(json.dumps(analysis, indent=1))
     print(f"wrote {path} and {path.with_suffix('.png')}", file=sys.stderr)
     return 0

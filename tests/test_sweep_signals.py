@@ -4,7 +4,6 @@ for stopped trials) and same-seed sweeps making the same decisions. Real Ray, Op
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import optuna

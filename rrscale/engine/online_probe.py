@@ -6,15 +6,16 @@ epoch), written for this loop. Choices and why:
 * Features of the **un-augmented** training images, extracted like the final linear probe
   extracts them (eval mode, BatchNorm running statistics, no augmentation, no gradient): the
   online probe then trains on the same kind of features it is scored on and that the final
-  probe and the kNN see. Features of an augmented view from the SSL forward pass would cost
-  nothing extra, but they come from train-mode BatchNorm on crops down to 8 % of the image
-  and would need every method to hand them out (GEDI calls its backbone many times per step);
-  ``benchmarks/signal_fidelity.py`` and the README give the measured cost of both.
-* The first quarter of each training batch (``PROBE_BATCH_FRACTION``): the probe's step costs
-  one eval-mode forward of those images plus a tiny classifier step, measured on a conv4 K=4
-  N=64 CPU step (``benchmarks/online_probe.py``, thread CPU time) at 7.8 % for the whole batch,
-  5.8 % for half of it and 3-4 % for a quarter (target <= 5 %); a quarter of every batch is
-  still a fresh sample of the training set each step.
+  probe and the kNN see. Features of one augmented view from the SSL forward pass would cost
+  almost nothing (0.4 % of a step instead of 4.2 %), but they come from train-mode BatchNorm
+  on crops down to 8 % of the image, would need every method to hand them out (GEDI calls its
+  backbone many times per step), and trained the probe measurably worse: on 8 quickstart-scale
+  runs the clean-feature probe ended 2.7 points under the final linear probe, the one-view
+  probe 6.6 points (``benchmarks/online_probe.py variants``, Adam 1e-2, epoch 4).
+* The first quarter of each training batch (``PROBE_BATCH_FRACTION``): the probe's step is one
+  eval-mode forward of those images plus a tiny classifier step; on a conv4 K=4 N=64 CPU step
+  (``benchmarks/online_probe.py``, thread CPU time) a quarter costs 4.2 %, half 4.5-5.8 %, the
+  whole batch 7.2-7.8 % (target <= 5 %; part of it is a fixed per-call cost).
 * Its own Adam optimiser at ``PROBE_LR`` and its own parameters, outside the method, so the
   SSL optimiser, DDP's gradient buckets and the backbone's gradients never see it; the
   features come from a ``no_grad`` pass, so nothing can flow back. Its initialisation uses a
@@ -39,7 +40,8 @@ from rrscale.engine.evaluate import extract_features
 
 PROBE_LR = 1e-2
 """Adam learning rate of the online probe: 10x the offline protocol's 1e-3, because the online
-probe gets one pass over the data per epoch instead of 100 (measured: see the README)."""
+probe sees a quarter of the data once per epoch instead of all of it 100 times; of 1e-3, 3e-3,
+1e-2 and 3e-2 it ended closest to the final probe (benchmarks/online_probe.py variants)."""
 PROBE_BATCH_FRACTION = 0.25
 """Share of each training batch the probe trains on (its cost is one eval-mode forward of it)."""
 
