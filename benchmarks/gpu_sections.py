@@ -6,7 +6,11 @@ device, versions, date and section to each and writes the JSON after every row, 
 short keeps what it measured. Adding a section is one line in :data:`SECTIONS` (key, title,
 function, budget in seconds for the full and the ``--quick`` run); the budgets of the full run
 add up to under the suite's 10 minutes, so give a new one time from ``ray`` (absent on a
-torch-only GPU machine) or raise ``--time-limit``.
+torch-only GPU machine) or raise ``--time-limit``. The section meant to come next, GEDI on
+CIFAR (benchmarks/gedi_clustering.py), would be ``def gedi_cifar_rows(s: Suite)`` calling that
+script's ``run_row`` on ``s.data`` and yielding ``measured(...)`` rows, plus its line in
+SECTIONS; its NMI/ACC scoring imports scipy, which a bare GPU machine may lack (the section
+would then say skipped, like ``ray`` does for Ray).
 
 Everything here imports only the pure-PyTorch layers of rrscale; Ray, Optuna and MLflow are
 used only through a ``rrscale tune`` subprocess in the ``ray`` section, when they are installed.
@@ -54,11 +58,14 @@ RATIO_TARGET = 0.8  # end-to-end images/s over the compute-only ceiling
 PROBE_TARGET_S = 30.0  # 100 probe epochs on 50,000 cached features
 PROBE_IMAGES = 50_000
 BUSY_TARGET = 85.0  # % GPU utilisation during a 4-trial sweep on one GPU
-# bf16 vs fp32 with the same seed: the two runs see the same data order and the same views, so
-# they differ only by bf16 rounding in forward and backward; after a few hundred steps the
-# trajectories decorrelate and what must agree is the statistics. 5 % on each epoch's mean loss
-# and 5 points of kNN top-1 (about 3 standard errors of a 2,000-query kNN's difference).
-LOSS_REL_TOL = 0.05
+# bf16 vs fp32 with the same seed: both runs see the same data order and the same views and
+# differ only by rounding. Measured on the CPU (bf16 autocast forced; conv4 K=4 N=32, 4 epochs x
+# 40 steps, synthetic 2,000, seeds 1 and 2): per-epoch mean loss within 0.6 %, final kNN top-1
+# within 0.3 points (up to 3.8 points at an intermediate epoch); another seed instead moves the
+# loss by 7.3 % and the kNN by 12 points. The limits sit between the two, with room for CUDA's
+# own kernels (and TF32 convolutions in the "fp32" run): 3 % per epoch on the loss, 5 points on
+# the final kNN.
+LOSS_REL_TOL = 0.03
 KNN_TOL = 0.05
 
 
@@ -104,16 +111,27 @@ def skipped(name: str, reason: str, settings: dict[str, Any] | None = None) -> d
             "numbers": {}, "note": reason}
 
 
-def errored(name: str, exc: BaseException, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A row whose measurement raised: the error is the finding (e.g. torch.compile failing)."""
+def errored(name: str, why: BaseException | str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A row whose measurement failed: the error is the finding (e.g. torch.compile failing)."""
     return {"name": name, "status": "error", "target": "", "result": "", "settings": settings or {},
-            "numbers": {}, "note": first_line(exc)}
+            "numbers": {}, "note": first_line(why) if isinstance(why, BaseException) else why}
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def not_judged(s: Suite, *, cuda: bool = True, full: bool = True) -> str:
+    """Why a target does not apply to this run ("" when it does): it is a CUDA target and the
+    suite runs on the CPU, or it is set for the full sizes and this is ``--quick``."""
+    reasons = []
+    if cuda and not s.cuda:
+        reasons.append("CPU: the target is for CUDA")
+    if full and s.quick:
+        reasons.append("--quick: toy sizes, the target is for the full run")
+    return "; ".join(reasons)
 
 
 def free_memory(device: torch.device) -> None:
@@ -150,22 +168,23 @@ def throughput_rows(s: Suite) -> Iterator[dict[str, Any]]:
             args = Namespace(steps=steps, warmup=warmup, compile=compiled, baseline=False, root="")
             tic = time.monotonic()
             try:
-                m = throughput.measure_row(backbone, k, n, args, s.data, s.device)
+                m, error = throughput.measure_row(backbone, k, n, args, s.data, s.device), None
             except Exception as exc:  # a failing compile or kernel is a finding, not the end of the suite
-                yield errored(name, exc, settings)
+                m, error = {}, errored(name, exc, settings)
+            if compiled:
+                torch._dynamo.reset()
+            free_memory(s.device)
+            if error is not None:
+                yield error
                 continue
-            finally:
-                if compiled:
-                    torch._dynamo.reset()
-                free_memory(s.device)
             m["row_seconds"] = time.monotonic() - tic
             ratio = m["e2e_over_ceiling"]
+            why = not_judged(s)
             yield measured(
                 name, settings=settings, numbers=m, target=f"e2e >= {RATIO_TARGET} x ceiling",
                 result=f"e2e {m['e2e_images_per_s']:,.0f} img/s = {ratio:.2f} x ceiling "
                        f"({m['ceiling_images_per_s']:,.0f}); views {m['views_ms_per_step']:.1f} ms/step",
-                ok=ratio >= RATIO_TARGET, applies=s.cuda and not s.quick,
-                note="" if s.cuda else "CPU: the target is for CUDA",
+                ok=ratio >= RATIO_TARGET, applies=not why, note=why,
             )
 
 
@@ -238,9 +257,11 @@ def _peak(device: torch.device, backbone: str, k: int, n: int) -> dict[str, floa
             "peak_first_step_gb": with_autotune / 1e9}
 
 
-def _largest(device: torch.device, start: int, cap: int, refine: int, deadline: float) -> dict[str, Any]:
-    """Largest conv4 K=32 batch whose training step fits; cuDNN autotuning off (its trial
-    workspaces would decide the outcome), every failure caught and the cache emptied."""
+def _search_trials(device: torch.device, start: int, cap: int, refine: int, deadline: float,
+                   save: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Try conv4 K=32 batches as :func:`largest_fitting` picks them; ``save`` gets the trials so
+    far after each one. cuDNN autotuning is off (its trial workspaces would decide the outcome);
+    every failure is caught and the cache emptied before the next trial."""
     step = _e2e_stepper(device, "conv4", 32)
     torch.backends.cudnn.benchmark = False  # after the stepper: timing_method turns it on
     trials: list[dict[str, Any]] = []
@@ -260,45 +281,65 @@ def _largest(device: torch.device, start: int, cap: int, refine: int, deadline: 
         free_memory(device)
         trials.append({"N": n, "fits": reason is None, "reason": reason, "seconds": time.monotonic() - tic,
                        "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9})
+        save(trials)
         return reason
 
-    fit, failed = largest_fitting(fails, start, cap, refine, deadline)
-    by_n = {t["N"]: t for t in trials}
-    return {"largest_N": fit, "first_failing_N": failed, "views_per_step": 32 * fit,
-            "peak_allocated_gb_at_largest": by_n[fit]["peak_allocated_gb"] if fit else None,
-            "failure": by_n[failed]["reason"] if failed else None, "cap": cap,
-            "stopped_by_time": failed is None and fit < cap, "trials": trials}
+    largest_fitting(fails, start, cap, refine, deadline)
 
 
-def memory_probe(device: str, backbone: str, k: int, n: int, search: dict[str, int] | None,
-                 until: float) -> dict[str, Any]:
-    """Section 2's measurements, run in a child process (see :func:`memory_rows`); the search
-    starts no trial after ``until`` (wall-clock seconds since the epoch: the parent's clock)."""
+def summarise_search(trials: list[dict[str, Any]], cap: int) -> dict[str, Any]:
+    """The largest batch that fitted and the smallest failing one above it, from the trials."""
+    fit = max((t["N"] for t in trials if t["fits"]), default=0)
+    above = [t for t in trials if not t["fits"] and t["N"] > fit]
+    failed = min(above, key=lambda t: t["N"]) if above else None
+    at_fit = next((t for t in trials if t["fits"] and t["N"] == fit), None)
+    return {"largest_N": fit, "views_per_step": 32 * fit, "first_failing_N": failed["N"] if failed else None,
+            "failure": failed["reason"] if failed else None,
+            "peak_allocated_gb_at_largest": at_fit["peak_allocated_gb"] if at_fit else None,
+            "cap": cap, "trials": trials}
+
+
+def memory_probe(device: str, backbone: str, k: int, n: int, search: dict[str, int] | None, until: float,
+                 result: str) -> None:
+    """Section 2's measurements in a child process (see :func:`memory_rows`), saved to the JSON
+    file ``result`` after every step so that a crash or a kill keeps what was measured. The
+    search starts no trial after ``until`` (seconds since the epoch: the parent's clock)."""
     deadline = time.monotonic() + (until - time.time())
     dev = torch.device(device)
-    out: dict[str, Any] = {"peak": _peak(dev, backbone, k, n)}
+    out: dict[str, Any] = {}
+
+    def save(key: str, value: Any) -> None:
+        out[key] = value
+        tmp = Path(result + ".tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, result)
+
+    save("peak", _peak(dev, backbone, k, n))
     free_memory(dev)
     if search is not None:
-        out["largest"] = _largest(dev, deadline=deadline, **search)
-    return out
+        _search_trials(dev, deadline=deadline, save=lambda trials: save("trials", list(trials)), **search)
 
 
-CHILD = "import json, sys; import gpu_sections as g; json.dump(g.memory_probe(**json.load(open(sys.argv[1]))), open(sys.argv[2], 'w'))"
+CHILD = "import json, sys; import gpu_sections as g; g.memory_probe(**json.load(open(sys.argv[1])))"
 
 
-def run_child(s: Suite, kwargs: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """:func:`memory_probe` in a fresh process: an out-of-memory search (or a CUDA error that
-    poisons the context) cannot leave memory or errors behind in the suite's own process."""
+def run_child(s: Suite, kwargs: dict[str, Any], timeout: float) -> tuple[dict[str, Any], str]:
+    """:func:`memory_probe` in a fresh process, so that an out-of-memory search or a CUDA error
+    that poisons the context leaves nothing behind in the suite's process. Returns what the
+    child saved and "" or, when it failed or was killed, why."""
     work = Path(tempfile.mkdtemp(prefix="memory-", dir=s.out))
-    (work / "args.json").write_text(json.dumps(kwargs))
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(work / "args.json"), str(work / "result.json")],
-                          env=s.env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    result = work / "result.json"
+    (work / "args.json").write_text(json.dumps({**kwargs, "result": str(result)}))
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(work / "args.json")], env=s.env,
+                              capture_output=True, text=True, timeout=timeout)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"memory child exited with {proc.returncode}: {tail[0]}")
-    result = json.loads((work / "result.json").read_text())
+        problem = "" if proc.returncode == 0 else f"child process exited with {proc.returncode}: {tail[0][:300]}"
+    except subprocess.TimeoutExpired:
+        problem = f"child process killed after {timeout:.0f} s (time budget)"
+    got = json.loads(result.read_text()) if result.exists() else {}
     shutil.rmtree(work, ignore_errors=True)
-    return result
+    return got, problem
 
 
 def memory_rows(s: Suite) -> Iterator[dict[str, Any]]:
@@ -309,39 +350,41 @@ def memory_rows(s: Suite) -> Iterator[dict[str, Any]]:
     settings = {"backbone": "resnet32", "K": k, "N": n, "amp": "bf16" if s.cuda else "off", "channels_last": s.cuda,
                 "measured": "steps 2-3 (step 1 warms up cuDNN autotuning)"}
     search = {"start": 64, "cap": 512 if s.quick else 32768, "refine": 1 if s.quick else 3} if s.cuda else None
-    # the child starts no search trial in the last 10 s of the budget; a trial in flight then
-    # gets up to 30 s past it before the child is killed
+    # no search trial starts in the last 10 s of the budget; one in flight gets 30 s past it
     kwargs = {"device": str(s.device), "backbone": "resnet32", "k": k, "n": n, "search": search,
               "until": time.time() + s.time_left() - 10}
-    try:
-        got = run_child(s, kwargs, timeout=max(10.0, s.time_left() + 30))
-    except Exception as exc:
-        yield errored(peak_name, exc, settings)
-        return
-    peak = got["peak"]
-    if s.cuda:
-        yield measured(peak_name, settings=settings, numbers=peak, target=f"peak allocated <= {MEMORY_TARGET_GB:g} GB",
+    got, problem = run_child(s, kwargs, timeout=max(10.0, s.time_left() + 30))
+    peak = got.get("peak")
+    target = f"peak allocated <= {MEMORY_TARGET_GB:g} GB"
+    if peak is None:
+        yield errored(peak_name, problem or "the child process saved no result", settings)
+    elif s.cuda:
+        yield measured(peak_name, settings=settings, numbers=peak, target=target,
                        result=f"{peak['peak_allocated_gb']:.2f} GB allocated, {peak['peak_reserved_gb']:.2f} GB reserved",
                        ok=peak["peak_allocated_gb"] <= MEMORY_TARGET_GB, applies=(k, n) == (32, 64))
     else:
-        yield measured(peak_name, settings=settings, numbers=peak, target=f"peak allocated <= {MEMORY_TARGET_GB:g} GB",
+        yield measured(peak_name, settings=settings, numbers=peak, target=target,
                        result=f"CPU process peak RSS {peak['peak_host_rss_gb']:.2f} GB (imports included)",
-                       applies=False, note="CPU: the target is for CUDA memory")
+                       applies=False, note=not_judged(s, full=False))
     search_settings = {**(search or {}), "backbone": "conv4", "K": 32, "cudnn_benchmark": False,
                        "steps_per_trial": 2}
-    if "largest" not in got:
+    if search is None:
         yield skipped(largest_name, "CUDA only: on the CPU an oversize batch swaps instead of raising "
                       "out-of-memory", search_settings)
         return
-    big = got["largest"]
+    if not got.get("trials"):
+        yield errored(largest_name, problem or "no trial ran", search_settings)
+        return
+    big = summarise_search(got["trials"], search["cap"])
+    result = f"N={big['largest_N']:,} fits ({big['views_per_step']:,} views/step)"
     if big["first_failing_N"] is not None:
-        result = f"N={big['largest_N']:,} fits ({big['views_per_step']:,} views/step), N={big['first_failing_N']:,} " \
-                 f"does not ({big['failure']})"
+        result += f", N={big['first_failing_N']:,} does not ({big['failure']})"
+    elif big["largest_N"] >= search["cap"]:
+        result += f"; the search cap {search['cap']:,} was reached"
     else:
-        result = f"N={big['largest_N']:,} fits; " + ("stopped by the time budget" if big["stopped_by_time"]
-                                                     else f"the search cap {big['cap']:,} was reached")
+        result += "; stopped by the time budget before a batch failed"
     yield measured(largest_name, settings=search_settings, numbers=big, target="none (a measurement)",
-                   result=result)
+                   result=result, note=problem)
 
 
 # ----------------------------------------------------------------------------- 3 views
@@ -353,10 +396,8 @@ def views_rows(s: Suite) -> Iterator[dict[str, Any]]:
     tic = time.monotonic()
     checks = device_statistics(s.device)
     bad = [c.describe() for c in checks if not c.ok]
-    note = "; ".join(bad) if bad else ""
-    if not s.cuda:
-        note = ("CPU: compares CPU bf16/channels_last views with CPU float32 ones; the CUDA check needs a GPU. "
-                + note).strip()
+    why = not_judged(s, full=False)
+    cpu = "compared CPU bf16/channels_last views with CPU float32 ones" if why else ""
     yield measured(
         f"views on {s.device.type} vs CPU statistics",
         settings={"images": 256, "views_per_image": 8, "outputs": ["float32", "bfloat16"], "channels_last": True},
@@ -364,7 +405,7 @@ def views_rows(s: Suite) -> Iterator[dict[str, Any]]:
                  "seconds": time.monotonic() - tic},
         target="every statistic within its measured limit (tests/test_views.py)",
         result=f"{len(checks) - len(bad)}/{len(checks)} checks within limits",
-        ok=not bad, applies=s.cuda, note=note,
+        ok=not bad, applies=not why, note="; ".join(filter(None, [why, cpu, *bad])),
     )
 
 
@@ -396,12 +437,13 @@ def amp_rows(s: Suite) -> Iterator[dict[str, Any]]:
                "bf16_speedup": b["images_per_s"] / f["images_per_s"]}
     ok = loss_diff <= LOSS_REL_TOL and (knn_diff is None or knn_diff <= KNN_TOL)
     knn_text = f", kNN {b['knn_top1']:.3f} vs {f['knn_top1']:.3f}" if knn_diff is not None else ", no labels: no kNN"
-    note = "CPU: the engine autocasts on CUDA only, so both runs are fp32" if not s.cuda else ""
+    why = not_judged(s)
+    cpu = "" if s.cuda else "the engine autocasts on CUDA only, so both runs were fp32"
     yield measured(
         "bf16 vs fp32 short RR run", settings=settings, numbers=numbers,
-        target=f"per-epoch loss within {LOSS_REL_TOL:.0%}, kNN within {KNN_TOL:g}",
+        target=f"per-epoch loss within {LOSS_REL_TOL:.0%}, final kNN within {KNN_TOL:g}",
         result=f"loss differs by up to {loss_diff:.1%}{knn_text}; bf16 {numbers['bf16_speedup']:.2f}x the fp32 speed",
-        ok=ok, applies=s.cuda and not s.quick, note=note,
+        ok=ok, applies=not why, note="; ".join(filter(None, [why, cpu])),
     )
 
 
@@ -433,6 +475,7 @@ def probe_rows(s: Suite) -> Iterator[dict[str, Any]]:
         feats, labels = feats.repeat(reps, 1)[:PROBE_IMAGES], labels.repeat(reps)[:PROBE_IMAGES]
         notes.append(f"features of {len(train.x):,} images repeated to {PROBE_IMAGES:,}")
     epochs = 2 if s.quick else 100
+    why = not_judged(s)
     linear_probe(feats, labels, test_feats, test_labels, classes, epochs=1)  # warm-up: kernels, allocator
     top1: list[float] = []
     seconds = timed(lambda: top1.append(linear_probe(feats, labels, test_feats, test_labels, classes,
@@ -446,11 +489,25 @@ def probe_rows(s: Suite) -> Iterator[dict[str, Any]]:
                  "steps": epochs * math.ceil(len(feats) / 128)},
         target=f"100 epochs on {PROBE_IMAGES:,} features <= {PROBE_TARGET_S:g} s",
         result=f"{seconds:.2f} s ({extract_s:.2f} s to extract the features)",
-        ok=seconds <= PROBE_TARGET_S, applies=s.cuda and not s.quick, note="; ".join(notes),
+        ok=seconds <= PROBE_TARGET_S, applies=not why, note="; ".join([*filter(None, [why]), *notes]),
     )
 
 
 # ----------------------------------------------------------------------------- 6 GEDI
+
+
+class _Recorder:
+    """Training-loop hooks that keep each epoch's metrics (so a run that diverges still shows
+    how far it got) and never resume."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None, final: bool = False) -> None:
+        self.history.append(metrics)
+
+    def load_state(self) -> dict[str, Any] | None:
+        return None
 
 
 def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
@@ -461,13 +518,14 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
     rows = {name: gedi_step.measure(name, gedi_step.ROWS[name], args, s.device) for name in ("gedi", "gedi_nogen")}
     free_memory(s.device)
     ratio = rows["gedi"]["seconds_per_step"] / rows["gedi_nogen"]["seconds_per_step"]
+    why = not_judged(s, cuda=False)
     yield measured(
         "GEDI step: generative term on / off", settings={**vars(args), "amp": "bf16" if s.cuda else "off"},
         numbers={"full_over_nogen": ratio, "gedi": rows["gedi"], "gedi_nogen": rows["gedi_nogen"]},
         target=f"full / no-gen <= {gedi_step.BUDGET:g}x",
         result=f"{rows['gedi']['seconds_per_step'] * 1e3:.1f} ms vs {rows['gedi_nogen']['seconds_per_step'] * 1e3:.1f} ms"
                f" per step = {ratio:.1f}x",
-        ok=ratio <= gedi_step.BUDGET, applies=not s.quick,
+        ok=ratio <= gedi_step.BUDGET, applies=not why, note=why,
     )
     want = 2 if s.quick else 200
     per_epoch = min(want if s.quick else 50, math.ceil(len(s.data.train.x) / batch))
@@ -478,14 +536,16 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
                              f"train.epochs={epochs}", f"train.steps_per_epoch={per_epoch}", "train.knn_every=0",
                              "train.progress=false", "train.seed=1"])
     tic = time.monotonic()
+    epochs_done = _Recorder()
     try:
-        history = fit(cfg, s.data, hooks=LocalHooks(None), device=s.device).history
+        fit(cfg, s.data, hooks=epochs_done, device=s.device)
         error = ""
     except TrainingDiverged as exc:
-        history, error = [], str(exc)
+        error = str(exc)
+    history = epochs_done.history
     free_memory(s.device)
     keys = ("loss", "unif", "inv", "gen", "lse_data", "lse_sample", "clusters_used")
-    numbers = {"steps": epochs * per_epoch, "seconds": time.monotonic() - tic,
+    numbers = {"steps": epochs * per_epoch, "seconds": time.monotonic() - tic, "epochs_completed": len(history),
                "per_epoch": [{key: h[key] for key in keys if key in h} for h in history]}
     last = history[-1] if history else {}
     yield measured(
@@ -494,7 +554,7 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
         result=(f"diverged: {error[:120]}" if error else
                 f"ok: last epoch loss {last['loss']:.3f}, LSE data {last['lse_data']:.2f} / samples "
                 f"{last.get('lse_sample', float('nan')):.2f}, {last['clusters_used']:.0f} clusters used"),
-        ok=not error, applies=not s.quick, note=error,
+        ok=not error, applies=not why, note="; ".join(filter(None, [why, error])),
     )
 
 
@@ -581,7 +641,14 @@ def _ray_env(s: Suite, folder: Path) -> dict[str, str]:
 
 def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float) -> int | None:
     """Run ``cmd`` in its own process group with output to ``log``; None when it timed out
-    (then the whole group, Ray's processes included, is terminated)."""
+    (then the whole group, Ray's processes included, is terminated). Removes Ray's temp dir."""
+    try:
+        return _wait_logged(cmd, cwd, env, log, timeout)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def _wait_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, timeout: float) -> int | None:
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -144,6 +145,37 @@ def test_largest_fitting_doubles_then_bisects() -> None:
     tried.clear()
     assert gpu_sections.largest_fitting(fails_above(700), 64, 32768, 3, time.monotonic() - 1) == (0, None)
     assert tried == []  # past the deadline nothing runs
+
+
+def test_search_trials_catch_failures_and_save_each_trial(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA search's own logic with a fake step: above 700 images it runs out of memory, at
+    1,024 it fails otherwise (as cuDNN can on huge tensors); torch.cuda's bookkeeping is stubbed."""
+    def fake_stepper(device: torch.device, backbone: str, k: int):
+        def step(n: int) -> None:
+            if n == 1024:
+                raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
+            if n > 700:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return step
+
+    monkeypatch.setattr(gpu_sections, "_e2e_stepper", fake_stepper)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 5e9)
+    saved: list[list[dict]] = []
+    gpu_sections._search_trials(torch.device("cpu"), 64, 32768, 3, time.monotonic() + 60,
+                                lambda trials: saved.append(list(trials)))
+    assert [len(t) for t in saved] == list(range(1, 9))  # saved after every trial
+    assert torch.backends.cudnn.benchmark is False
+    trials = saved[-1]
+    assert [(t["N"], t["fits"]) for t in trials] == [(64, True), (128, True), (256, True), (512, True),
+                                                     (1024, False), (768, False), (640, True), (704, False)]
+    assert trials[4]["reason"] == "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"
+    got = gpu_sections.summarise_search(trials, 32768)
+    assert (got["largest_N"], got["first_failing_N"], got["failure"]) == (640, 704, "out of memory")
+    assert got["views_per_step"] == 32 * 640 and got["peak_allocated_gb_at_largest"] == 5.0
+    assert gpu_sections.summarise_search(trials[:4], 512)["first_failing_N"] is None
 
 
 def test_busy_summary_averages_the_middle_of_the_active_window() -> None:
