@@ -52,7 +52,6 @@ from rrscale.engine.evaluate import extract_features, linear_probe
 from rrscale.engine.loop import LocalHooks, fit, train_step
 from rrscale.methods import TrainingDiverged
 
-HERE = Path(__file__).resolve().parent
 MEMORY_TARGET_GB = 8.0  # resnet32 K=32 N=64, allocated tensors, 1 GB = 1e9 bytes
 RATIO_TARGET = 0.8  # end-to-end images/s over the compute-only ceiling
 PROBE_TARGET_S = 30.0  # 100 probe epochs on 50,000 cached features
