@@ -393,13 +393,14 @@ def views_rows(s: Suite) -> Iterator[dict[str, Any]]:
     """The statistics check of tests/test_views.py (rrscale.data.view_stats.device_statistics)
     with the views made on this device, against the CPU's float32 views."""
     tic = time.monotonic()
-    checks = device_statistics(s.device)
+    images = 64 if s.quick and not s.cuda else 256  # the CPU compares with itself: fewer images do
+    checks = device_statistics(s.device, n=images)
     bad = [c.describe() for c in checks if not c.ok]
     why = not_judged(s, full=False)
     cpu = "compared CPU bf16/channels_last views with CPU float32 ones" if why else ""
     yield measured(
         f"views on {s.device.type} vs CPU statistics",
-        settings={"images": 256, "views_per_image": 8, "outputs": ["float32", "bfloat16"], "channels_last": True},
+        settings={"images": images, "views_per_image": 8, "outputs": ["float32", "bfloat16"], "channels_last": True},
         numbers={"checks": {c.name: c.value for c in checks}, "limits": {c.name: c.limit for c in checks},
                  "seconds": time.monotonic() - tic},
         target="every statistic within its measured limit (tests/test_views.py)",
@@ -513,7 +514,7 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
     """GEDI's step cost with vs without the generative term (benchmarks/gedi_step.py's
     ``measure``), then 200 training steps with the paper's defaults without divergence."""
     batch = 8 if s.quick else 64
-    args = Namespace(backbone="conv4", batch=batch, steps=1 if s.quick else 10, warmup=1 if s.quick else 3)
+    args = Namespace(backbone="conv4", batch=batch, steps=1 if s.quick else 10, warmup=0 if s.quick else 3)
     rows = {name: gedi_step.measure(name, gedi_step.ROWS[name], args, s.device) for name in ("gedi", "gedi_nogen")}
     free_memory(s.device)
     ratio = rows["gedi"]["seconds_per_step"] / rows["gedi_nogen"]["seconds_per_step"]

@@ -159,6 +159,7 @@ def test_search_trials_catch_failures_and_save_each_trial(monkeypatch: pytest.Mo
         return step
 
     monkeypatch.setattr(gpu_sections, "_e2e_stepper", fake_stepper)
+    monkeypatch.setattr(gpu_sections.gc, "collect", lambda: 0)  # seconds in a big test process, no finding
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     for name in ("reset_peak_memory_stats", "synchronize", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
