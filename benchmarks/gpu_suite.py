@@ -54,6 +54,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,7 @@ def install_wheels(folder: Path) -> Path:
                            "--disable-pip-version-check", "--target", str(target), *wheels],
                           capture_output=True, text=True)
     if proc.returncode != 0:
+        shutil.rmtree(target, ignore_errors=True)
         lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"pip exited with {proc.returncode}"]
         raise RuntimeError(lines[-1])
     return target
@@ -165,11 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         return _fail(problem)
     paths = [str(HERE), str(REPO)]
-    if args.wheels is not None:
-        try:
-            paths.insert(0, str(install_wheels(args.wheels)))
-        except RuntimeError as exc:
-            return _fail(f"--wheels {args.wheels}: pip could not install them: {exc}")
+    if args.wheels is None:
+        return run(args, paths)
+    try:
+        site = install_wheels(args.wheels)
+    except RuntimeError as exc:
+        return _fail(f"--wheels {args.wheels}: pip could not install them: {exc}")
+    try:
+        return run(args, [str(site), *paths])
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, paths: list[str]) -> int:
+    """Everything after the command-line checks, with ``paths`` (wheels, benchmarks, repo) first on sys.path."""
     sys.path[:0] = paths
     try:
         import pydantic  # noqa: F401  (rrscale.config needs both)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,7 @@ def test_install_wheels_puts_them_in_a_fresh_folder(tmp_path: Path) -> None:
     _wheel(tmp_path, "rrscale_wheel_probe", "VALUE = 7\n")
     target = gpu_suite.install_wheels(tmp_path)
     assert (target / "rrscale_wheel_probe" / "__init__.py").read_text() == "VALUE = 7\n"
+    shutil.rmtree(target)
     (tmp_path / "rrscale_wheel_probe-0.1-py3-none-any.whl").write_bytes(b"not a zip")
     with pytest.raises(RuntimeError):
         gpu_suite.install_wheels(tmp_path)
