@@ -85,16 +85,16 @@ def config_dict(family: str, index: int) -> dict[str, Any]:
 FAMILIES = {"axes": len(CONFIGS), "augment": len(AUGMENT)}
 
 
-def overrides(dataset: str, seed: int, config: dict[str, Any]) -> list[str]:
+def overrides(dataset: str, seed: int, config: dict[str, Any], extra: list[str] | None = None) -> list[str]:
     return [*DATASETS[dataset], f"train.seed={seed}", *(f"{k}={v}" for k, v in config.items()),
-            "train.progress=false"]
+            "train.progress=false", *(extra or [])]
 
 
 def run_one(family: str, dataset: str, seed: int, index: int, data: DataBundle,
-            device: torch.device) -> dict[str, Any]:
+            device: torch.device, extra: list[str]) -> dict[str, Any]:
     """Train one configuration to the end through the engine; per-epoch signals + final probes."""
     config = config_dict(family, index)
-    cfg = load_config(QUICKSTART, overrides(dataset, seed, config))
+    cfg = load_config(QUICKSTART, overrides(dataset, seed, config, extra))
     result = fit(cfg, data, hooks=LocalHooks(None), device=device)
     final = final_evaluation(cfg, result.method, data, device, None)
     norm = data.train
@@ -103,7 +103,7 @@ def run_one(family: str, dataset: str, seed: int, index: int, data: DataBundle,
     probe100 = linear_probe(tr, data.probe_train.y, te, data.probe_test.y, data.probe_train.num_classes,
                             epochs=100, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.train.seed)
     return {
-        "family": family, "dataset": dataset, "seed": seed, "index": index, "config": config,
+        "family": family, "dataset": dataset, "seed": seed, "index": index, "config": config, "set": extra,
         "history": [{key: h[key] for key in ("epoch", *SIGNALS) if key in h} for h in result.history],
         "probe_top1": final["probe_top1"], "probe100_top1": probe100, "knn_top1_full": final["knn_top1"],
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="axes: 16 configs over K/aggregation/head width/lr; augment: 8 augmentation strengths")
     p.add_argument("--configs", type=int, default=0, help="use the first N configs of the family (0: all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the scale for every run, e.g. train.epochs=20 (ASHA_RUNGS assume 4 epochs)")
     p.add_argument("--runs", type=Path, default=Path("runs/signal_fidelity/runs.jsonl"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--analyse-only", action="store_true", help="no training: analyse the cached runs")
@@ -238,23 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     args.runs.parent.mkdir(parents=True, exist_ok=True)
     count = args.configs or FAMILIES[args.family]
     cached = [json.loads(line) for line in args.runs.read_text().splitlines()] if args.runs.exists() else []
-    done = {(r.get("family", "axes"), r["dataset"], r["seed"], r["index"]) for r in cached}
+    mine = [r for r in cached if r.get("family", "axes") == args.family and r.get("set", []) == args.overrides]
+    done = {(r["dataset"], r["seed"], r["index"]) for r in mine}
     for dataset in args.datasets if not args.analyse_only else []:
         for seed in args.seeds:
-            todo = [i for i in range(count) if (args.family, dataset, seed, i) not in done]
+            todo = [i for i in range(count) if (dataset, seed, i) not in done]
             if not todo:
                 continue
-            first = load_config(QUICKSTART, overrides(dataset, seed, config_dict(args.family, 0)))
+            first = load_config(QUICKSTART, overrides(dataset, seed, config_dict(args.family, 0), args.overrides))
             data = load_data(first.data, seed=seed)
             for i in todo:
-                record = run_one(args.family, dataset, seed, i, data, device)
-                cached.append(record)
+                record = run_one(args.family, dataset, seed, i, data, device, args.overrides)
+                mine.append(record)
                 with open(args.runs, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 print(f"{dataset} seed {seed} config {i} {record['config']}: probe {record['probe_top1']:.3f}, "
                       f"{record['train_seconds']:.0f} s", file=sys.stderr, flush=True)
-    runs = [r for r in cached if r.get("family", "axes") == args.family and r["dataset"] in args.datasets
-            and r["seed"] in args.seeds and r["index"] < count]
+    runs = [r for r in mine if r["dataset"] in args.datasets and r["seed"] in args.seeds and r["index"] < count]
     analysis = analyse(runs)
     tag = "cuda" if device.type == "cuda" else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": "search_spaces/quickstart.yaml: conv4, 2,000 train images, 4 epochs, batch 64, "
                  "kNN k=50 on 2,000 bank / 1,000 query images, probe 20 epochs (and 100)",
         "family": args.family,
+        "overrides": args.overrides,
         "configs": [config_dict(args.family, i) for i in range(count)],
         "train_seconds_all_runs": sum(r["train_seconds"] for r in runs),
         "analysis": analysis,
