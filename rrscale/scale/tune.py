@@ -325,6 +325,18 @@ class RRSearch(OptunaSearch):
             result = {k: v for k, v in result.items() if k != self.metric}
         super().on_trial_complete(trial_id, result=result, error=error)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """The pickled searcher, then the Optuna study's word on which trials have finished.
+
+        A driver killed after telling Optuna that a trial finished but before Tune saved that
+        restores the trial as running; the trial re-reports its stored final result, and
+        OptunaSearch would report it to the finished Optuna trial, which raises. Marking such
+        trials completed makes OptunaSearch skip them (it logs a warning) instead.
+        """
+        super().restore(checkpoint_path)
+        finished = {t.number for t in self._ot_study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self._completed_trials.update(tid for tid, ot in self._ot_trials.items() if ot.number in finished)
+
 
 class SweepTracker(Callback):
     """Tune callback on the driver: ``start_trial`` / ``log_epoch`` / ``end_trial`` of
