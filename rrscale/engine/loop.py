@@ -45,6 +45,7 @@ class LocalHooks:
 
     def __init__(self, out_dir: Path | None) -> None:
         self.out_dir = out_dir
+        self._appended = False
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -56,7 +57,8 @@ class LocalHooks:
         if self.out_dir is None or not dist.is_main():
             return
         if not final:
-            append_metrics(self.out_dir, metrics)
+            append_metrics(self.out_dir, metrics, first=not self._appended)
+            self._appended = True
         if state is not None and self.checkpoint_path is not None:
             save_checkpoint(state, self.checkpoint_path)
 

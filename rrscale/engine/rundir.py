@@ -7,9 +7,11 @@ happened to the previous process:
 * one writer at a time: a run holds an exclusive ``flock`` on ``OUT/.rrscale.lock`` for its
   whole life (the kernel releases it when the process ends, even on SIGKILL), so a second
   ``rrscale train`` into the same folder stops at once instead of writing every epoch twice;
-* ``metrics.jsonl`` never runs ahead of the checkpoint it resumes from: on resume the lines
-  of epochs after the checkpoint's (written before a kill, to be trained again) are dropped,
-  by an atomic rewrite, and temporary files of a checkpoint write that was killed are removed;
+* ``metrics.jsonl`` holds each epoch once: a run that resumes from epoch E's checkpoint drops
+  the lines of later epochs (written before a kill, trained again now) by an atomic rewrite,
+  both when ``rrscale train`` starts and when a process first writes a line (which covers a
+  Ray worker group restarted from an older checkpoint); temporary files of a checkpoint write
+  that was killed are removed when a run starts;
 * JSON is strict: a non-finite number is written as ``null`` (bare ``NaN`` is not JSON).
 """
 
@@ -58,7 +60,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def append_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+def append_metrics(out_dir: Path, metrics: dict[str, Any], *, first: bool) -> None:
+    """Append one epoch's line; the ``first`` line of a process drops lines of that epoch and later."""
+    if first and isinstance(metrics.get("epoch"), int):
+        keep_epochs_before(out_dir, metrics["epoch"])
     with open(out_dir / METRICS_FILE, "a") as fh:
         fh.write(dumps(metrics) + "\n")
 
@@ -109,24 +114,31 @@ def locked(out_dir: Path) -> Iterator[None]:
 def prepare_resume(out_dir: Path, epoch: int) -> None:
     """Make ``out_dir`` consistent with a run that continues after ``epoch`` (0: from scratch).
 
-    Call it holding the lock: drops the metrics lines of later epochs (keeping one line per
-    epoch, the last written) and the temporary files of killed checkpoint writes.
+    Call it holding the lock: removes the temporary files of killed checkpoint writes and the
+    metrics lines of later epochs.
     """
     for tmp in stale_temp_files(out_dir):
         tmp.unlink(missing_ok=True)
+    keep_epochs_before(out_dir, epoch + 1)
+
+
+def keep_epochs_before(out_dir: Path, epoch: int) -> None:
+    """Rewrite ``metrics.jsonl`` (atomically) with one line per epoch below ``epoch``, the last
+    written of each; torn lines go too. No rewrite when nothing would change."""
     path = out_dir / METRICS_FILE
     if not path.exists():
         return
+    lines = path.read_text().splitlines()
     kept: dict[int, str] = {}
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
-            record = json.loads(line)
-            at = int(record["epoch"])
+            at = int(json.loads(line)["epoch"])
         except (ValueError, TypeError, KeyError):
             continue  # a line torn by a kill, or not an epoch record
-        if 1 <= at <= epoch:
+        if 1 <= at < epoch:
             kept[at] = line
-    text = "".join(kept[e] + "\n" for e in sorted(kept))
+    if list(kept.values()) == lines:
+        return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text("".join(kept[e] + "\n" for e in sorted(kept)))
     tmp.replace(path)
