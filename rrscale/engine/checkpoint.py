@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rrscale.config import ExperimentConfig, excerpt, flatten, oversized
+from rrscale.config import ExperimentConfig, brief, flatten, oversized
 
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "config")
 # The sections of a config that decide what a run trains (not where it reports or how it scales).
@@ -56,7 +56,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         if found is None:
-            raise CheckpointError(f"not a PyTorch checkpoint ({excerpt(str(exc).splitlines()[0], 100)})") from None
+            raise CheckpointError(f"not a PyTorch checkpoint ({brief(str(exc).splitlines()[0], 100)})") from None
         raise CheckpointError(f"refused: it holds Python objects ({found.group(1)}) that could run code when "
                               f"loaded; rrscale checkpoints hold only tensors and plain values") from None
     except (OSError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
@@ -104,4 +104,4 @@ def check_compatible(
 
 
 def _show(value: Any) -> str:
-    return excerpt(value, 40) if not isinstance(value, str) else value[:40]
+    return brief(value, 40) if not isinstance(value, str) else value[:40]
