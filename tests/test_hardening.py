@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -96,11 +95,10 @@ def _bomb(levels: int = 9) -> str:
     return "[" + ", ".join(items) + "]"
 
 
-def _limited(memory_bytes: int):
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-
-    return limit
+# `rrscale` in a child limited to 4 GiB of address space: torch's import maps 3.6 GiB, so the CLI
+# may import it in any order, but expanding the bomb cannot fit (before the fix: MemoryError after 23 s).
+RUN_IN_4_GIB = ("import resource, runpy; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+                "runpy.run_module('rrscale.cli', run_name='__main__')")
 
 
 @pytest.mark.parametrize("where", ["file", "--set"])
@@ -111,11 +109,9 @@ def test_yaml_alias_bomb_is_refused_fast_in_bounded_memory(tmp_path: Path, where
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(f"data:\n  name: {bomb}\n" if where == "file" else "train: {epochs: 1}\n")
     extra = ["--set", f"data.name={bomb}"] if where == "--set" else []
-    cmd = [sys.executable, "-m", "rrscale.cli", "train", str(cfg), *extra, "--out", str(tmp_path / "run")]
-    # 4 GiB of address space: torch's import maps 3.6 GiB, so the CLI may import it in any order,
-    # but expanding the bomb cannot fit (the code before the fix hit MemoryError after 23 s).
+    cmd = [sys.executable, "-c", RUN_IN_4_GIB, "train", str(cfg), *extra, "--out", str(tmp_path / "run")]
     tic = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, preexec_fn=_limited(4 << 30))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert time.monotonic() - tic < 20
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1 and len(res.stderr) < 400
