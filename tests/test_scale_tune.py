@@ -187,7 +187,7 @@ def test_asha_stops_a_poor_trial_early_and_optuna_hears_pruned(ray_env: RayEnv) 
     assert main(["tune", str(path)]) == 0
     rows = _rows(ray_env, "asha")
     assert len(rows) == 4
-    stopped = [r for r in rows if r["status"] == "early_stopped"]
+    stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped, rows
     for r in stopped:
         results = _results(_sweep_dir(ray_env, "asha") / r["trial_id"])
