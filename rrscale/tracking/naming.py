@@ -15,6 +15,7 @@ MLflow layer and the comparison tools so that every place says the same thing:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -158,7 +159,7 @@ def split_final(summary: Mapping[str, Any]) -> tuple[dict[str, float], dict[str,
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
     for key, value in summary.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             continue
         if key in CONSTANT_KEYS:
             tags[f"rrscale.{key}"] = str(int(value)) if float(value).is_integer() else str(value)
