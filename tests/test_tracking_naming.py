@@ -40,12 +40,13 @@ def test_run_names_say_what_was_sampled() -> None:
     sampled = {"method.K": 4, "method.aggregation": "cat", "method.head_width": 256, "train.lr": 8.0e-4}
     assert naming.run_name(sampled, "9eec6037") == "K4-cat-w256-lr8.0e-4 · 9eec6037"
     assert naming.run_name({"train.lr": 0.0012, "train.weight_decay": 3e-5, "method.tau": 0.1},
-                           "t1") == "lr0.0012-wd3.0e-5-tau0.1 · t1"
+                           "t1") == "lr1.2e-3-wd3.0e-5-tau0.1 · t1"
     assert naming.run_name({"train.amp": False, "data.fraction": 0.5}, "t2") == "no-amp-fraction0.5 · t2"
     assert naming.run_name({}, "t3") == "t3"
     long = naming.run_name({f"method.x{i}": 123456.5 for i in range(20)}, "t4")
     assert long.endswith("… · t4") and len(long) <= naming.NAME_LIMIT + len(" · t4")
     assert naming.short_number(123456.7) == "1.2e5" and naming.short_number(2.0) == "2"
+    assert [naming.short_number(x) for x in (0.07, 0.002224, 0.0005)] == ["0.07", "2.2e-3", "5.0e-4"]
 
 
 def test_descriptions_say_sampled_values_and_outcome() -> None:

@@ -48,13 +48,14 @@ NAME_LIMIT = 80
 
 
 def short_number(x: float | int) -> str:
-    """Compact text of a sampled number: ``4``, ``0.5``, ``0.0012``, ``8.0e-4``, ``1.2e5``."""
+    """Compact text of a sampled number: ``4``, ``0.5``, ``0.07``, ``1.2e-3``, ``8.0e-4``, ``1.2e5``
+    (below 0.01 always with an exponent, so the values of one log-scaled axis read alike)."""
     if isinstance(x, bool):
         return str(x).lower()
     if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) < 1e5):
         return str(int(x))
     x = plain_float(x)
-    if x == 0 or 1e-3 <= abs(x) < 1e5:
+    if x == 0 or 1e-2 <= abs(x) < 1e5:
         return f"{x:.3g}"
     mantissa, exponent = f"{x:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"

@@ -71,6 +71,20 @@ def _unflatten(flat: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _quiet_download(client: MlflowClient, run_id: str, path: str, dst: str) -> str:
+    """``download_artifacts`` without the progress bar MLflow prints on the sweep's console."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return client.download_artifacts(run_id, path, dst)
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def _best_config(client: MlflowClient | None, sw: Sweep) -> tuple[dict[str, Any], str]:
     parent = sw.parent
     if client is not None and parent is not None:
@@ -78,7 +92,7 @@ def _best_config(client: MlflowClient | None, sw: Sweep) -> tuple[dict[str, Any]
             names = {a.path for a in client.list_artifacts(parent.run_id)}
             if "best_config.json" in names:
                 with tempfile.TemporaryDirectory() as tmp:
-                    local = client.download_artifacts(parent.run_id, "best_config.json", tmp)
+                    local = _quiet_download(client, parent.run_id, "best_config.json", tmp)
                     return json.loads(Path(local).read_text()), "best_config.json of the sweep run"
         except Exception as exc:  # noqa: BLE001
             log.warning("could not read best_config.json of run %s (%s)", parent.run_id, exc)
