@@ -140,3 +140,43 @@ def test_importances_need_enough_finished_trials(tmp_path: Path) -> None:
     assert next(iter(enough.values)) == "method.K"  # K drives the objective above
     missing = importance.study_importances(f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}", "nope")
     assert missing.values == {} and "no Optuna study 'nope'" in missing.note
+
+
+class _Trial:
+    """What SweepTracker reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, last: dict, config: dict | None = None) -> None:
+        self.trial_id = trial_id
+        self.last_result = last
+        self.config = config or {"method.K": 4, "train.lr": 8e-4}
+        self.checkpoint = None
+        self.error_msg = ""
+
+
+def test_tracker_ends_trials_with_one_outcome_word(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rrscale.scale.tune import SweepTracker
+    from rrscale.tracking import mlflow as tracking
+
+    ended: dict[str, tuple[dict, str, str]] = {}
+    monkeypatch.setattr(tracking, "end_trial", lambda run, summary, status, ckpt, *, description, tracking_uri:
+                        ended.__setitem__(run, (summary, status, description)))
+    tracker = SweepTracker(str(tmp_path / "state.json"), {}, cpus=1.0, gpus=0.0, mode="inprocess",
+                           metric="probe_top1", stop_epochs=(1, 2))
+    tracker.runs = {"fin": "r-fin", "asha": "r-asha", "cut": "r-cut", "bad": "r-bad"}
+    tracker.datasets = {k: {"epochs": 4} for k in tracker.runs}
+    tracker.trial_end(_Trial("fin", {"final": True, "status": "ok", "probe_top1": 0.295, "knn_top1": 0.31,
+                                     "epochs": 4, "seed": 0, "time_total_s": 10.0}), failed=False)
+    tracker.trial_end(_Trial("asha", {"epoch": 1, "knn_top1": 0.21, "probe_top1": 0.21, "time_total_s": 3.0}),
+                      failed=False)
+    tracker.trial_end(_Trial("cut", {"epoch": 3, "knn_top1": 0.3, "time_total_s": 8.0}), failed=False)
+    tracker.trial_end(_Trial("bad", {"epoch": 2, "error": "loss diverged", "time_total_s": 5.0}), failed=True)
+    summary, status, note = ended["r-fin"]
+    assert status == "FINISHED" and note == "K=4, lr=8.0e-4 — finished 4 epochs: probe_top1 0.295"
+    assert summary["probe_top1"] == 0.295 and summary["cpu_seconds"] == 10.0 and "gpu_seconds" not in summary
+    summary, status, note = ended["r-asha"]
+    assert status == "EARLY_STOPPED" and "probe_top1" not in summary and summary["stopped_at_epoch"] == 1
+    assert note.endswith("stopped early by ASHA after epoch 1 of 4 (knn_top1 0.21)")
+    assert ended["r-cut"][1] == "KILLED" and "interrupted after epoch 3" in ended["r-cut"][2]
+    assert ended["r-bad"][1] == "FAILED" and ended["r-bad"][2].endswith("failed after epoch 2: loss diverged")
+    tracker.trial_end(_Trial("fin", {}), failed=True)  # Tune may report an end twice: the first one stands
+    assert ended["r-fin"][1] == "FINISHED"
