@@ -32,7 +32,10 @@ How a sweep runs
   the killed driver had not yet saved re-reports its stored final numbers instead of training
   again. Train runs inside trials resume by ``(storage_path, trial id)``.
 * Tracking: :class:`SweepTracker` (a Tune callback on the driver) calls
-  :mod:`rrscale.tracking.mlflow`: one parent run per sweep, a child run per trial.
+  :mod:`rrscale.tracking.mlflow`: one parent run per sweep (its params: the search space), a
+  child run per trial named by what was sampled; :class:`RRSearch` names the Optuna objective
+  and tags each Optuna trial with its Tune trial id, the tracker adds its MLflow run id. When
+  the sweep ends, :func:`rrscale.tracking.report.attach_report` attaches the report and plots.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ The functions that take only a run id find its tracking URI in a small in-proces
 by :func:`start_sweep` / :func:`start_trial` (falling back to :func:`resolve_tracking_uri`
 with no configured URI); each also takes an explicit ``tracking_uri=`` keyword.
 
+What a run reads like (names, descriptions, metric sections, outcome words, the parent's
+search-space params) is decided in :mod:`rrscale.tracking.naming`; this module writes it.
+
 This module must not import ray: the Ray side calls it with plain dicts.
 """
 
