@@ -17,6 +17,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rrscale.config import load_config, set_dotted  # noqa: E402
+from rrscale.tracking import links  # noqa: E402
 from rrscale.tracking import mlflow as trk  # noqa: E402
 from rrscale.tracking import report as reports  # noqa: E402
 from rrscale.tracking import runs, table  # noqa: E402
@@ -71,6 +72,7 @@ def run_sweep(root: Path, uri: str, experiment: str = EXPERIMENT,
     parent = trk.start_sweep(experiment, uri, sweep_name, yaml_file, sweep_params(space, {"metric": "probe_top1"}),
                              resume=False, description="a test sweep")
     assert parent
+    assert links.publish_comparison_view(parent, uri).endswith(f"viewStateShareKey=rrscale-{sweep_name}")
     trials = {}
     for name, k, agg, width, lr, probe, secs, status in TRIALS:
         trial_cfg = json.loads(json.dumps(base))
@@ -302,6 +304,9 @@ def test_runs_table_ranked_best_first(store: dict[str, Any], capsys: pytest.Capt
     assert rows[0].split()[0] == "1" and "0.6100" in rows[0] and rows[-1].endswith("1  stopped early")
     assert f"#/experiments/{store['exp_id']}/runs?workflowType=machine_learning&viewStateShareKey=rrscale-sweep-a" in out
     assert f"mlflow ui --backend-store-uri {store['uri']}" in out
+    view = json.loads(MlflowClient(store["uri"]).get_experiment(store["exp_id"]).tags[
+        "mlflow.sharedViewState.rrscale-sweep-a"])
+    assert view["columnOrder"][1] == "metrics.`probe_top1`" and "params.`method.K`" in view["selectedColumns"]
     # --top, the default experiment (the latest sweep) and the rich table on a terminal
     assert runs.main(None, tracking_uri=store["uri"], top=2) == 0
     out = capsys.readouterr().out

@@ -52,6 +52,13 @@ def view_key(sweep: str) -> str:
     return "rrscale-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", sweep) or "sweep")
 
 
+def published_view(experiment_tags: dict[str, str], sweep: str) -> str:
+    """The sweep's view key when its experiment holds that view (sweeps logged before rrscale
+    published views have none: their link opens the plain runs table)."""
+    key = view_key(sweep)
+    return key if VIEW_TAG_PREFIX + key in experiment_tags else ""
+
+
 def experiment_url(tracking_uri: str, experiment_id: str, view: str = "") -> str:
     """The experiment's runs table (model-training mode), with the shared view ``view`` if given."""
     url = f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

@@ -102,6 +102,15 @@ def _best_config(client: MlflowClient | None, sw: Sweep) -> tuple[dict[str, Any]
     return _unflatten(best.params), f"params of trial {best.trial_id}"
 
 
+def _experiment_tags(client: MlflowClient | None, experiment_id: str) -> dict[str, str]:
+    if client is None:
+        return {}
+    try:
+        return dict(client.get_experiment(experiment_id).tags)
+    except Exception:  # noqa: BLE001 - the plain runs-table link still works
+        return {}
+
+
 def _a(url: str, text: str, title: str = "") -> str:
     e = html.escape
     return f'<a href="{e(url)}"{f" title={chr(34)}{e(title)}{chr(34)}" if title else ""}>{e(text)}</a>'
@@ -151,7 +160,9 @@ def write_report(sw: Sweep, path: Path, plots: list[Path], client: MlflowClient 
     """Write the page (see the module docstring) atomically to ``path``."""
     e = html.escape
     parent = sw.parent
-    view = links.experiment_url(sw.uri, sw.experiment_id, links.view_key(sw.title) if parent is not None else "")
+    tags = _experiment_tags(client, sw.experiment_id)
+    view = links.experiment_url(sw.uri, sw.experiment_id,
+                                links.published_view(tags, sw.title) if parent is not None else "")
     hint = links.ui_hint(sw.uri)
     compare = _a(view, "open the comparison in MLflow") + (
         f' <span class=muted>(start the UI first: <code>{e(hint)}</code>)</span>' if hint else "")

@@ -96,7 +96,7 @@ def main(experiment_name: str | None, tracking_uri: str = "", plots: Path | None
                   + (f" (sweep '{sw.title}' is {sw.parent.outcome})" if sw.parent is not None else ""))
             return 0
         print_table(sw, top)
-        view = links.view_key(sw.title) if sw.parent is not None else ""
+        view = links.published_view(exp.tags, sw.title) if sw.parent is not None else ""
         hint = links.ui_hint(uri)
         print(f"compare in MLflow: {links.experiment_url(uri, exp.experiment_id, view)}"
               + (f"  (start the UI with: {hint})" if hint else ""))
