@@ -9,7 +9,6 @@ test's temp folder.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -41,7 +40,7 @@ pytestmark = [
 ]
 
 
-def _sweep_env(root: Path, ray_tmp: Path, token: str, uri: str) -> dict[str, str]:
+def _sweep_env(ray_tmp: Path, token: str, uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update({"RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN": token, "RRSCALE_DASHBOARD_PORT": str(free_port()), "MLFLOW_TRACKING_URI": uri,
@@ -53,34 +52,41 @@ def _sweep_env(root: Path, ray_tmp: Path, token: str, uri: str) -> dict[str, str
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A 4-trial sweep (K x aggregation x lr, ASHA) logged to a live ``mlflow server``."""
+    """A 4-trial sweep (K x aggregation x lr, ASHA) in a sqlite store, then ``mlflow server`` on it.
+
+    The sweep writes to sqlite as ``rrscale tune`` does by default (logging through HTTP is
+    tests/test_tracking_server.py's subject); the server then serves that store to the browser.
+    """
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("browser")
     ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
     token = secrets.token_hex(16)
-    tic0 = time.monotonic()
-    proc, uri = start_mlflow_server(root / "server")
-    started = tic = time.monotonic()
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    proc = None
     try:
         # lr 3.0 wrecks the features within an epoch: ASHA stops such trials at its first rung
         path = sweep_yaml(root, "browse", train={"epochs": 2},
                           search={"method.K": {"choice": [2, 3]}, "method.aggregation": {"choice": ["cat", "sum"]},
                                   "train.lr": {"choice": [1e-3, 3.0]}},
                           tune={"num_samples": 4, "seed": 2})
+        tic = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "rrscale.cli", "tune", str(path)], cwd=root,
-                              env=_sweep_env(root, ray_tmp, token, uri), capture_output=True, text=True, timeout=360)
+                              env=_sweep_env(ray_tmp, token, store), capture_output=True, text=True, timeout=360)
         assert done.returncode == 0, done.stderr[-3000:]
-        print(f"sweep: {time.monotonic() - tic:.1f} s; server start: {started - tic0:.1f} s")
+        swept_s = time.monotonic() - tic
+        proc, uri = start_mlflow_server(root / "server", backend=store)
+        print(f"sweep: {swept_s:.1f} s; server start: {time.monotonic() - tic - swept_s:.1f} s")
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("rrscale-tests")
         runs = client.search_runs([exp.experiment_id])
         parent = next(r for r in runs if r.data.tags.get("rrscale.role") == "sweep")
         trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        yield {"uri": uri, "exp": exp.experiment_id, "parent": parent, "trials": trials, "client": client,
-               "stdout": done.stdout}
+        yield {"uri": uri, "store": store, "exp": exp.experiment_id, "parent": parent, "trials": trials,
+               "client": client}
     finally:
-        stop_mlflow_server(proc)
+        if proc is not None:
+            stop_mlflow_server(proc)
         end_processes(str(ray_tmp), f"RAY_AUTH_TOKEN={token}")
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -195,17 +201,19 @@ def test_report_attached_to_the_sweep_loads_plots_and_links(swept: dict[str, Any
     sizes = page.locator("img").evaluate_all("imgs => imgs.map(i => [i.alt, i.complete && i.naturalWidth])")
     assert len(sizes) >= 4 and all(width and width > 400 for _, width in sizes), sizes
     assert {"curves", "pareto"} <= {alt for alt, _ in sizes}
+    # the sweep wrote to sqlite: links point at `mlflow ui`'s address, and the report says how to start it
     hrefs = set(page.locator("table.trials a").evaluate_all("as => as.map(a => a.href)"))
     for t in trials:
-        assert links.run_url(swept["uri"], swept["exp"], t.info.run_id) in hrefs
+        assert links.run_url(swept["store"], swept["exp"], t.info.run_id) in hrefs
     compare = page.get_by_text("open the comparison in MLflow")
-    assert compare.get_attribute("href") == links.comparison_url(parent.info.run_id, swept["uri"])
-    assert "Which axis mattered" in page.inner_text("body")
-    # a trial's link opens its MLflow run
+    view = links.comparison_url(parent.info.run_id, swept["uri"]).replace(swept["uri"], links.DEFAULT_UI)
+    assert compare.get_attribute("href") == view
+    body = page.inner_text("body")
+    assert f"mlflow ui --backend-store-uri {swept['store']}" in body and "Which axis mattered" in body
+    assert "optuna-dashboard sqlite:///" in body
+    # the best trial's link opens its MLflow run (served here by the test's server instead of `mlflow ui`)
     best = page.locator("table.trials a").first
     name = best.get_attribute("title")
-    best.click()
+    page.goto(best.get_attribute("href").replace(links.DEFAULT_UI, swept["uri"]))
     page.get_by_text(name, exact=True).first.wait_for()
-    assert "sampled" not in page.url and f"/runs/" in page.url
-    note = json.dumps(page.inner_text("body"))
-    assert "finished" in note
+    assert "finished" in page.inner_text("body")
