@@ -79,6 +79,8 @@ def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> Non
     epoch's online probe, and MLflow holds it for every epoch."""
     import mlflow
 
+    from rrscale.tracking.naming import epoch_metric
+
     client = mlflow.tracking.MlflowClient(env.tracking_uri)
     exp = client.get_experiment_by_name("rrscale-tests")
     children = [r for r in client.search_runs([exp.experiment_id], max_results=100)
@@ -90,10 +92,12 @@ def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> Non
     for row in rows:
         run = by_trial[row["trial_id"]]
         epochs = [r for r in _results(env.tmp / "ray_results" / name / row["trial_id"]) if not r.get("final")]
-        logged = {(m.step, round(m.value, 6)) for m in client.get_metric_history(run.info.run_id, ONLINE_PROBE)}
-        assert logged == {(r["epoch"], round(r[ONLINE_PROBE], 6)) for r in epochs}, row["status"]
-        assert run.data.metrics[ONLINE_PROBE] == pytest.approx(epochs[-1][ONLINE_PROBE])
-    from rrscale.tracking.compare import load_sweep, table
+        curve = client.get_metric_history(run.info.run_id, epoch_metric(ONLINE_PROBE))
+        assert {(m.step, round(m.value, 6)) for m in curve} == {(r["epoch"], round(r[ONLINE_PROBE], 6))
+                                                                for r in epochs}, row["status"]
+        assert run.data.metrics[ONLINE_PROBE] == pytest.approx(epochs[-1][ONLINE_PROBE])  # its end score
+    from rrscale.tracking.sweeps import load_sweep
+    from rrscale.tracking.table import table
 
     headers, cells, _ = table(load_sweep(client, exp, env.tracking_uri, sweep=name))  # `rrscale runs`
     column = headers.index(ONLINE_PROBE)

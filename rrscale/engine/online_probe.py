@@ -96,7 +96,7 @@ class OnlineProbe:
         if len(features) == 0:
             return 0.0
         pred = self.classifier(features.float().to(self.device)).argmax(dim=1)
-        return float((pred == labels.to(pred.device)).float().mean())
+        return int((pred == labels.to(pred.device)).sum()) / len(pred)  # an exact fraction, as linear_probe
 
     def state_dict(self) -> dict[str, Any]:
         return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict()}
