@@ -79,7 +79,7 @@ def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> Non
     epoch's online probe, and MLflow holds it for every epoch."""
     import mlflow
 
-    from rrscale.tracking.naming import epoch_metric
+    from rrscale.tracking.naming import STOPPED_EARLY, epoch_metric
 
     client = mlflow.tracking.MlflowClient(env.tracking_uri)
     exp = client.get_experiment_by_name("rrscale-tests")
@@ -87,7 +87,7 @@ def _check_stopped_trials_keep_their_online_probe(env: RayEnv, name: str) -> Non
                 if "mlflow.parentRunId" in r.data.tags]
     rows = json.loads((env.tmp / "ray_results" / name / "sweep.json").read_text())["rows"]
     by_trial = {c.data.tags["rrscale.trial_id"]: c for c in children}
-    stopped = [r for r in rows if r["status"] == "early_stopped"]
+    stopped = [r for r in rows if r["status"] == STOPPED_EARLY]
     assert stopped
     for row in rows:
         run = by_trial[row["trial_id"]]

@@ -518,6 +518,8 @@ class SweepTracker(Callback):
         last = dict(trial.last_result or {})
         final = bool(last.get("final")) and last.get("status", "ok") == "ok"
         summary: dict[str, Any] = _numbers(last, self.metric) if final else {}
+        if not final and isinstance(last.get(ONLINE_PROBE), float):
+            summary[ONLINE_PROBE] = last[ONLINE_PROBE]  # a stopped trial's probe-like score: its last epoch's
         summary.pop("startup_seconds", None)
         for key in ("error", "device", "config_hash", "torch"):
             if isinstance(last.get(key), str):
