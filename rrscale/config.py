@@ -166,13 +166,15 @@ class TrainConfig(_Section):
 
 
 class ProbeConfig(_Section):
-    """Linear evaluation protocol of the paper, plus the kNN monitor."""
+    """Linear evaluation protocol of the paper, plus the per-epoch monitors (kNN, online probe)."""
 
     epochs: int = Field(100, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.001, gt=0.0)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0.0)
+    online: bool = Field(True, description="train an online linear probe during SSL and report "
+                         "online_probe_top1 every epoch (only when the training images have labels)")
 
 
 class ScalingConfig(_Section):
@@ -306,6 +308,9 @@ class TuneConfig(_Section):
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int = Field(0, ge=0, description="0 = as many as resources allow")
     scheduler: Literal["asha", "none"] = "asha"
+    # kNN: of the signals every method reports and that mean the same whatever a search changes,
+    # it ranked trials as well as the online probe (benchmarks/signal_fidelity.py, README) and it
+    # needs no labelled training images, no per-step work and carries no state.
     schedule_metric: str = "knn_top1"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1.0)

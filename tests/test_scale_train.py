@@ -40,6 +40,7 @@ def test_two_workers_summary_matches_local_and_a_killed_worker_resumes(ray_env: 
     assert json.loads(marker.read_text())["rank"] == 1  # the worker really died
     assert summary["status"] == "ok" and summary["epochs"] == 3 and summary["workers"] == 2
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert all(0.0 <= h["online_probe_top1"] <= 1.0 for h in summary["history"])  # the probe under DDP
     seen = _epochs(out / "metrics.jsonl")
     assert seen == [1, 2, 3], seen  # resumed, not restarted; epochs redone after the restart replace their lines
     assert [w["rank"] for w in summary["worker_nodes"]] == [0, 1]

@@ -28,6 +28,7 @@ from rrscale.data.views import build_views, to_model_input
 from rrscale.engine import dist
 from rrscale.engine.checkpoint import load_checkpoint, save_checkpoint
 from rrscale.engine.evaluate import extract_features, knn_top1, linear_probe
+from rrscale.engine.online_probe import OnlineProbe, probe_batch
 from rrscale.engine.rundir import append_metrics
 from rrscale.floats import plain_float
 from rrscale.methods import TrainingDiverged, build_method
@@ -114,6 +115,24 @@ def _make_optimizer(cfg: ExperimentConfig, params: Any) -> torch.optim.Optimizer
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _online_probe(
+    cfg: ExperimentConfig, data: DataBundle, method: nn.Module, device: torch.device
+) -> OnlineProbe | None:
+    """The online probe when ``probe.online`` is on and it can be trained and scored.
+
+    It needs labels on every training image and a held-out slice in the same label space:
+    off for unlabelled SSL splits (STL-10's), for probes on another dataset
+    (``data.probe_name``) and with ``data.knn_subset: 0`` (the slice it is scored on).
+    """
+    train = data.train
+    labelled = train.y.numel() > 0 and bool((train.y >= 0).all())
+    if not (cfg.probe.online and labelled and not cfg.data.probe_name and cfg.data.knn_subset > 0):
+        return None
+    return OnlineProbe(int(method.backbone.feature_dim), train.num_classes, mean=train.mean, std=train.std,
+                       symmetric=bool(getattr(method, "symmetric_input", False)), device=device,
+                       seed=cfg.train.seed)
 
 
 def _make_scheduler(
@@ -257,11 +276,16 @@ def fit(
     if t.steps_per_epoch:
         steps = min(steps, t.steps_per_epoch)
 
+    online = _online_probe(cfg, data, method, device)
+    y_all = train.y.to(device) if online is not None else None
+
     start_epoch, history, done_steps = 0, [], 0
     state = hooks.load_state()
     if state is not None:
         method.load_state_dict(state["model"])
         _load_optimizer_state(optimizer, state["optimizer"])
+        if online is not None and state.get("online_probe"):
+            online.load_state_dict(state["online_probe"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         done_steps = int((state.get("scheduler") or {}).get("last_epoch", start_epoch * steps))
     scheduler = _make_scheduler(cfg, optimizer, steps * t.epochs, done_steps)
@@ -279,6 +303,7 @@ def fit(
     knn_every = t.knn_every if data.probe_train.y.numel() and (data.probe_train.y >= 0).any() else 0
     if knn_every and dist.is_main():
         bank_x, bank_y = _subset(data.probe_train, cfg.data.knn_subset, t.seed)
+    if (knn_every or online is not None) and dist.is_main():
         query_x, query_y = _subset(data.probe_test, cfg.data.knn_subset, t.seed + 1)
 
     train_seconds, images_seen = 0.0, 0
@@ -303,6 +328,9 @@ def fit(
                 metrics = train_step(model, optimizer, batch_views, n, amp=cuda and t.amp)
                 if scheduler is not None:
                     scheduler.step()
+                if online is not None:
+                    probe_idx = idx[: probe_batch(n)]
+                    online.step(method.backbone, x_all[probe_idx], y_all[probe_idx])
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() * n
                 count += n
@@ -322,13 +350,19 @@ def fit(
             check_diverged(epoch_metrics, cfg.method.divergence_limit, epoch + 1)
             train_seconds += seconds
             images_seen += images
-            if knn_every and dist.is_main() and ((epoch + 1) % knn_every == 0 or epoch + 1 == t.epochs):
+            knn_now = bool(knn_every) and ((epoch + 1) % knn_every == 0 or epoch + 1 == t.epochs)
+            if dist.is_main() and (knn_now or online is not None):
                 backbone = unwrap(model).backbone
-                bank = extract_features(backbone, bank_x, train.mean, train.std, symmetric=symmetric, device=device)
                 query = extract_features(backbone, query_x, train.mean, train.std, symmetric=symmetric,
                                          device=device)
-                epoch_metrics["knn_top1"] = knn_top1(bank, bank_y, query, query_y, data.probe_train.num_classes,
-                                                     k=cfg.probe.knn_k, temperature=cfg.probe.knn_temperature)
+                if knn_now:
+                    bank = extract_features(backbone, bank_x, train.mean, train.std, symmetric=symmetric,
+                                            device=device)
+                    epoch_metrics["knn_top1"] = knn_top1(bank, bank_y, query, query_y,
+                                                         data.probe_train.num_classes, k=cfg.probe.knn_k,
+                                                         temperature=cfg.probe.knn_temperature)
+                if online is not None:
+                    epoch_metrics["online_probe_top1"] = online.top1(query, query_y)
             bar.epoch_done(epoch + 1, t.epochs, epoch_metrics)
         history.append(epoch_metrics)
         last = epoch + 1 == t.epochs
@@ -338,6 +372,7 @@ def fit(
                 "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "online_probe": online.state_dict() if online is not None else None,
                 "epoch": epoch + 1,
                 "history": history,
                 "config": cfg.model_dump(mode="json"),
@@ -410,6 +445,8 @@ def run_experiment(
             "torch": torch.__version__,
         }
         summary.update(final_evaluation(cfg, result.method, data, device, out_dir))
+        if result.history and "online_probe_top1" in result.history[-1]:  # the probe's end-of-run score
+            summary["online_probe_top1"] = result.history[-1]["online_probe_top1"]
         summary["total_seconds"] = time.perf_counter() - tic
         summary["history"] = result.history
     hooks.report({k: v for k, v in summary.items() if k != "history"}, None, final=True)

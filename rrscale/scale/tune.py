@@ -62,8 +62,9 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
 
-#: Metrics every run reports each epoch, by direction; plus per method.
-PER_EPOCH = {"loss": "min", "knn_top1": "max"}
+#: Metrics every run reports each epoch, by direction; plus per method. ``online_probe_top1``
+#: needs labelled training images and ``probe.online`` (checked in :func:`check_tune_config`).
+PER_EPOCH = {"loss": "min", "knn_top1": "max", "online_probe_top1": "max"}
 PER_EPOCH_BY_METHOD = {"relational": {"relation_acc": "max"}, "gedi": {"unif": "min", "inv": "min"}}
 #: Metrics only the final report carries.
 AT_END = {"probe_top1": "max"}
@@ -77,6 +78,7 @@ AT_END_BY_METHOD: dict[str, dict[str, str]] = {
 TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 STATE_FILE = "rrscale-sweep.json"
+ONLINE_PROBE = "online_probe_top1"
 #: Optuna trial user attrs that lead from a study to Tune and MLflow.
 OPTUNA_TUNE_ATTR = "tune_trial_id"
 OPTUNA_RUN_ATTR = "mlflow_run_id"
@@ -111,6 +113,19 @@ def known_metrics(cfg: ExperimentConfig) -> tuple[dict[str, str], dict[str, str]
         per_epoch.update({k: v for k, v in PER_EPOCH_BY_METHOD.get(m, {}).items() if k in common_epoch})
         at_end.update({k: v for k, v in AT_END_BY_METHOD.get(m, {}).items() if k in common_end})
     return per_epoch, at_end
+
+
+def _check_online_probe(cfg: ExperimentConfig, fail: Any) -> None:
+    """What every trial needs to report ``online_probe_top1`` each epoch (see engine/loop.py)."""
+    why = f"(for {ONLINE_PROBE} in tune.metric / tune.schedule_metric; knn_top1 needs no training labels)"
+    if False in _extremes(cfg, "probe.online", cfg.probe.online):
+        fail("probe.online", f"true {why}")
+    if cfg.data.probe_name:
+        fail("data.probe_name", f"empty: the online probe learns and is scored on the training set {why}")
+    if cfg.data.name == "stl10":
+        fail("data.name", f"a dataset with labelled training images (STL-10 trains on unlabelled ones) {why}")
+    if min(int(v) for v in _extremes(cfg, "data.knn_subset", cfg.data.knn_subset)) < 1:
+        fail("data.knn_subset", f"at least 1 (the online probe is scored on that many test images) {why}")
 
 
 def _extremes(cfg: ExperimentConfig, dotted: str, current: Any) -> list[Any]:
@@ -179,6 +194,8 @@ def check_tune_config(cfg: ExperimentConfig, path: str | Path, *, requested_mode
     epochs = [int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs)]
     if min(epochs) < 1:
         fail("train.epochs", "at least 1 for a sweep")
+    if ONLINE_PROBE in (t.metric, t.schedule_metric):
+        _check_online_probe(cfg, fail)
     uses_knn = "knn_top1" in (t.metric, t.schedule_metric) or t.metric in at_end
     if uses_knn:
         if cfg.train.knn_every != 1 and (t.scheduler == "asha" or t.metric == "knn_top1" or t.metric in at_end):
@@ -501,6 +518,8 @@ class SweepTracker(Callback):
         last = dict(trial.last_result or {})
         final = bool(last.get("final")) and last.get("status", "ok") == "ok"
         summary: dict[str, Any] = _numbers(last, self.metric) if final else {}
+        if not final and isinstance(last.get(ONLINE_PROBE), float):
+            summary[ONLINE_PROBE] = last[ONLINE_PROBE]  # a stopped trial's probe-like score: its last epoch's
         summary.pop("startup_seconds", None)
         for key in ("error", "device", "config_hash", "torch"):
             if isinstance(last.get(key), str):
