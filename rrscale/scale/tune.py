@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -52,7 +53,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from rrscale.config import ConfigError, ExperimentConfig
-from rrscale.scale import space
+from rrscale.scale import space, sweep_dir, trial_record
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -231,50 +232,46 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _trial(config: dict[str, Any], base: dict[str, Any], opts: dict[str, Any]) -> None:
-    """The Tune function trainable: one trial of the sweep."""
+    """The Tune function trainable: one trial of the sweep.
+
+    A trial that had already ended before the driver died reports that ending again (see
+    :mod:`rrscale.scale.trial_record`). A failure that another attempt cannot fix ends the trial
+    as "failed" with its report (one line; the traceback travels in the report) instead of an
+    exception, so Tune does not retry it; lost processes and I/O errors raise and are retried.
+    """
+    import traceback
+
     import ray.tune
 
     from rrscale.engine.loop import pick_device, run_experiment
     from rrscale.methods import TrainingDiverged
-    from rrscale.scale.train import (
-        DIVERGED_FILE,
-        FINAL_FILE,
-        RayHooks,
-        ReportShape,
-        TrialDiverged,
-        _fit,
-        _set_threads,
-        checkpoint_file,
-        make_trainer,
-    )
+    from rrscale.scale.train import RayHooks, ReportShape, _fit, _set_threads, make_trainer, one_line, retryable
 
     trial_id = ray.tune.get_context().get_trial_id()
-    exp = space.trial_config(base, config, source=f"trial {trial_id}")
+    ended = trial_record.ending_of(f"{opts['trial_root']}/{trial_id}")
+    if ended is not None:
+        ray.tune.report({**ended[1], "replayed": True})
+        return
     shape = ReportShape(metric=opts["metric"], schedule_metric=opts["schedule_metric"])
-    ckpt = ray.tune.get_checkpoint()
-    failed = checkpoint_file(ckpt, DIVERGED_FILE)
-    if failed is not None:
-        raise TrialDiverged(str(failed.get("error", "training diverged")))
-    done = checkpoint_file(ckpt, FINAL_FILE)
-    if done is not None:  # finished before the driver died: say so again, do not retrain
-        ray.tune.report(done)
-        return
-    if opts["mode"] == "trainer":
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        trainer = make_trainer(exp, max(1, exp.scaling.num_workers), storage_path=opts["train_storage"],
-                               name=trial_id, shape=shape, tag=trial_id, callbacks=[TuneReportCallback()])
-        summary = _fit(trainer)
-        if summary.get("status") != "ok":
-            raise TrialDiverged(str(summary.get("error", "training failed")))
-        return
-    _set_threads(opts["cpus"])
     hooks = RayHooks("tune", shape=shape, tag=trial_id)
     try:
+        exp = space.trial_config(base, config, source=f"trial {trial_id}")
+        if opts["mode"] == "trainer":
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            trainer = make_trainer(exp, max(1, exp.scaling.num_workers), storage_path=opts["train_storage"],
+                                   name=trial_id, shape=shape, tag=trial_id, callbacks=[TuneReportCallback()])
+            summary = _fit(trainer)
+            if summary.get("status") != "ok":
+                hooks.report_failure(str(summary.get("error", "training failed")), str(summary.get("traceback", "")))
+            return
+        _set_threads(opts["cpus"])
         run_experiment(exp, hooks=hooks, device=pick_device(exp.train.device))
-    except TrainingDiverged as exc:
-        hooks.report_failure(str(exc))
-        raise TrialDiverged(str(exc)) from None
+    except Exception as exc:
+        if retryable(exc):
+            raise
+        plain = isinstance(exc, (TrainingDiverged, ConfigError))
+        hooks.report_failure(str(exc) if plain else one_line(exc), traceback.format_exc())
 
 
 # ----------------------------------------------------------------------------- tracking
@@ -300,13 +297,73 @@ class RRSearch(OptunaSearch):
     whose last result is not the final one is told as PRUNED: Optuna's TPE keeps using it
     (pruned trials rank below every complete one, ordered by how far they got and their last
     intermediate value, which are the per-epoch stand-ins reported along the way), and only
-    finished trials carry COMPLETE values of ``tune.metric``.
+    finished trials carry COMPLETE values of ``tune.metric``; a trial that failed is FAIL.
+
+
+    After a resume it also reconciles itself with the study, which is newer than the pickled
+    searcher state when the driver died between the two (:meth:`restore`), and it records each
+    trial's ending in the trial's folder *before* telling Optuna (:mod:`rrscale.scale.trial_record`).
     """
 
+    def __init__(self, *args: Any, trial_root: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trial_root = trial_root
+        self._orphans: list[int] = []
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore, then: trials Optuna already saw end are not told again (telling a
+        finished Optuna trial raises), and Optuna trials asked for after the snapshot, whose Tune
+        trials the snapshot lacks, are handed to the next new Tune trials (same sampled values)
+        instead of staying RUNNING forever."""
+        import optuna
+
+        super().restore(checkpoint_path)
+        states = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
+        known = set()
+        for tune_id, ot_trial in self._ot_trials.items():
+            known.add(ot_trial.number)
+            frozen = states.get(ot_trial.number)
+            if frozen is not None and frozen.state.is_finished():
+                self._completed_trials.add(tune_id)
+        self._orphans = [t._trial_id for n, t in sorted(states.items())
+                         if n not in known and t.state == optuna.trial.TrialState.RUNNING]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        import optuna
+
+        if trial_id not in self._ot_trials and self._orphans:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:  # a re-reported ending after a resume
+            super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and not error and not result.get("final"):
+        if self.trial_root:
+            trial_record.record_ending(f"{self.trial_root}/{trial_id}", result, error)
+        if trial_id in self._completed_trials:
+            return
+        failed = error or (result or {}).get("status") == "failed"
+        if result is not None and (failed or not result.get("final")):
             result = {k: v for k, v in result.items() if k != self.metric}
-        super().on_trial_complete(trial_id, result=result, error=error)
+        super().on_trial_complete(trial_id, result=result, error=failed)
+
+
+def close_lost_optuna_trials(db: Path, study_name: str) -> int:
+    """Fail the Optuna trials still RUNNING after a sweep ran to its end: trials asked for just
+    before the driver died that no Tune trial took over. Returns how many."""
+    import optuna
+
+    if not db.exists():
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in lost:
+        study._storage.set_trial_user_attr(t._trial_id, "rrscale.status", "lost: the driver stopped before "
+                                           "Ray Tune saved this trial")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(lost)
 
 
 class SweepTracker(Callback):
@@ -333,6 +390,7 @@ class SweepTracker(Callback):
         self.startup: dict[str, float] = {}
         self.ended: set[str] = set()
         self.checkpoints: dict[str, str] = {}
+        self.strays_closed = False
 
     def _load(self) -> None:
         try:
@@ -383,7 +441,7 @@ class SweepTracker(Callback):
         self.ended.add(trial.trial_id)
         last = dict(trial.last_result or {})
         summary = _numbers(last, self.metric)
-        for key in ("status", "error", "data_fingerprint", "device", "config_hash"):
+        for key in ("status", "error", "traceback", "data_fingerprint", "device", "config_hash"):
             if isinstance(last.get(key), str):
                 summary[key] = last[key]
         seconds = float(last.get("time_total_s", 0.0) or 0.0)
@@ -391,7 +449,7 @@ class SweepTracker(Callback):
         summary["gpu_seconds"] = seconds * self.gpus
         if trial.trial_id in self.startup:
             summary["startup_seconds"] = self.startup[trial.trial_id]
-        if failed:
+        if failed or last.get("status") == "failed":
             status = "FAILED"
         elif last.get("final") and last.get("status", "ok") == "ok":
             status = "FINISHED"
@@ -407,10 +465,37 @@ class SweepTracker(Callback):
         tracking.end_trial(run, summary, status, ckpt_dir if not failed else None, tracking_uri=self.uri or None)
 
 
+    def close_strays(self, trials: list) -> None:
+        """Once per driver: close the child runs of trials that Tune's state does not hold (the
+        driver died after MLflow heard of them but before Tune's snapshot saved them)."""
+        from rrscale.tracking import mlflow as tracking
+
+        self.strays_closed = True
+        if not self.parent:
+            self._load()
+        tracking.close_stray_trials(self.parent, {t.trial_id for t in trials}, tracking_uri=self.uri or None)
+
+    def interrupted(self, trials: list) -> None:
+        """Trials that never ended (Ctrl-C stops them without telling anyone): "interrupted"."""
+        from rrscale.tracking import mlflow as tracking
+
+        for trial in trials:
+            run = self.runs.get(trial.trial_id, "")
+            if run and trial.trial_id not in self.ended:
+                self.ended.add(trial.trial_id)
+                tracking.end_trial(run, {}, "interrupted", None, tracking_uri=self.uri or None)
+
     # Tune's hooks ---------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
         self._load()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.strays_closed:
+            self.close_strays(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.interrupted(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trial_start(trial)
@@ -463,6 +548,8 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rrscale.scale.progress import SweepProgress
     from rrscale.scale.train import absolute_data_paths
 
     t = cfg.tune
@@ -474,23 +561,26 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     per_cpu, per_gpu = trial_resources(cfg, mode)
     max_conc = max(1, concurrency(cfg, cpus, gpus, mode))
     per_epoch, at_end = known_metrics(cfg)
+    experiment = f"{storage.rstrip('/')}/{name}"
     opts = {"metric": t.metric, "schedule_metric": t.schedule_metric, "mode": mode,
-            "train_storage": f"{storage.rstrip('/')}/{name}/train", "cpus": per_cpu}
+            "train_storage": f"{experiment}/train", "trial_root": experiment, "cpus": per_cpu}
     resources = ({"cpu": per_cpu, "gpu": per_gpu} if mode == "inprocess"
                  else {"cpu": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base, opts=opts), resources)
+    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
     facts = {"name": name, "storage": storage, "local": local, "mode": mode, "max_concurrent": max_conc,
-             "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base}
-    if resume:
-        return tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=trainable, resume_errored=True), facts
+             "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base, "experiment": experiment}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if resume:
+        # Errored trials stay failed: Optuna recorded them as FAIL, and what could succeed on
+        # another attempt was retried already (scaling.max_failures).
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False), facts
     with warnings.catch_warnings():  # group=True is "experimental" in Optuna 5; we rely on it on purpose
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, group=True)
     storage_db = optuna.storages.RDBStorage(f"sqlite:///{local / 'optuna.db'}")
     searcher = RRSearch(space=space.define_by_run(cfg.search, base), metric=t.metric, mode=t.mode,
-                            sampler=sampler, study_name=name, storage=storage_db)
-    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
+                        sampler=sampler, study_name=name, storage=storage_db, trial_root=experiment)
     if t.scheduler == "asha":
         scheduler: Any = ASHAScheduler(time_attr="epoch", metric=t.schedule_metric,
                                        mode=per_epoch[t.schedule_metric], max_t=max(t.grace_period, max_epochs - 1),
@@ -499,6 +589,11 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     else:
         scheduler = FIFOScheduler()
     tracker = SweepTracker(str(local / STATE_FILE), base, per_cpu, per_gpu, mode, t.metric)
+    progress = SweepProgress(num_samples=t.num_samples, epochs=max_epochs, concurrency=max_conc, metric=t.metric,
+                             mode=t.mode, schedule_metric=t.schedule_metric)
+    # Tune retries a trial whose process or node was lost (and I/O errors); the trial itself
+    # ends failures that a retry cannot fix without raising (see _trial). A Train trial's
+    # workers are retried by Ray Train (scaling.max_failures) instead.
     failures = cfg.scaling.max_failures if mode == "inprocess" else 0
     tuner = tune.Tuner(
         trainable,
@@ -507,10 +602,10 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
                                     trial_name_creator=_trial_dirname,
                                     reuse_actors=mode == "inprocess"),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[tracker],
+            name=name, storage_path=storage, callbacks=[tracker, progress],
             failure_config=tune.FailureConfig(max_failures=failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=int(os.environ.get("RRSCALE_TUNE_VERBOSE", "1")),
+            verbose=int(os.environ.get("RRSCALE_TUNE_VERBOSE", "0")),
         ),
     )
     return tuner, facts
@@ -520,7 +615,7 @@ def _status_of(result: Any) -> str:
     m = result.metrics or {}
     if result.error is not None or m.get("status") == "failed":
         return "failed"
-    return "finished" if m.get("final") else "early_stopped"
+    return "finished" if m.get("final") else "stopped early"
 
 
 def _first(result: Any, key: str) -> float | None:
@@ -535,60 +630,54 @@ def _first(result: Any, key: str) -> float | None:
     return float(values.iloc[0]) if len(values) else None
 
 
-def asha_stop_epochs(cfg: ExperimentConfig) -> set[int]:
-    """The epochs at which ASHA can stop a trial: ceil of each rung milestone (as Ray builds them)."""
-    t = cfg.tune
-    if t.scheduler != "asha":
-        return set()
-    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
-    max_t = max(t.grace_period, max_epochs - 1)
-    rungs = int(math.log(max_t / t.grace_period) / math.log(t.reduction_factor) + 1)
-    return {math.ceil(t.grace_period * t.reduction_factor**k - 1e-9) for k in range(rungs)}
-
-
-def was_interrupted(results: Any, cfg: ExperimentConfig) -> bool:
-    """Tune turns Ctrl-C into a graceful stop and returns normally. A sweep was cut short when
-    fewer trials ended than asked, or when a trial ended neither finished, failed, nor at an
-    epoch where ASHA could have stopped it."""
-    if results.num_terminated + results.num_errors < cfg.tune.num_samples:
-        return True
-    stops = asha_stop_epochs(cfg)
-    for r in results:
-        m = r.metrics or {}
-        if r.error is None and not m.get("final") and int(m.get("epoch", 0) or 0) not in stops:
-            return True
-    return False
+def _ended_on_record(facts: dict[str, Any], trial_id: str) -> bool:
+    """Whether the driver recorded that the trial ended (RRSearch does, for every trial)."""
+    return trial_record.read_json(f"{facts['experiment']}/{trial_id}/{trial_record.ENDED_FILE}") is not None
 
 
 def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: float,
-              interrupted: bool = False) -> dict[str, Any]:
+              since: float = 0.0) -> dict[str, Any]:
     """Rows per trial, the best finished trial, and counts; writes trials.csv/sweep.json.
 
-    After an interrupt Tune reports the trials it stopped like ASHA's; those rows say
-    ``unfinished`` (``--resume`` continues the ones ASHA had not stopped).
+    Tune turns Ctrl-C into a graceful stop and reports the trials it stopped like ASHA's; a
+    trial that ended neither finished nor failed and has no record of its ending
+    (:mod:`rrscale.scale.trial_record`) was ``interrupted`` (``--resume`` continues it), and so
+    is the sweep then, or when fewer trials exist than ``tune.num_samples``.
+    ``trials_per_hour`` counts the trials that ended (finished or stopped early) during this
+    command (reports after ``since``, not re-reported endings) per hour of ``wall``; it is
+    absent when none did.
     """
     t = cfg.tune
     rows = []
+    ended_here = 0
     for r in results:
         m = r.metrics or {}
         real = m.get("metric_source", t.metric) == t.metric  # not an epoch's stand-in
         trial_id = m.get("trial_id") or Path(str(r.path)).name
         status = _status_of(r)
-        if interrupted and status == "early_stopped":
-            status = "unfinished"
+        if status == "stopped early" and not _ended_on_record(facts, trial_id):
+            status = "interrupted"
+        if (status in ("finished", "stopped early") and float(m.get("timestamp", 0) or 0) >= since
+                and not m.get("replayed")):
+            ended_here += 1
         rows.append({"trial_id": trial_id, "status": status,
-                     "epochs": m.get("epochs", m.get("epoch", 0)), t.metric: m.get(t.metric) if real else None,
+                     "epochs": m.get("epochs", m.get("epoch", 0)),
+                     t.metric: m.get(t.metric) if real and status == "finished" else None,
                      "knn_top1": m.get("knn_top1"), "seconds": m.get("time_total_s"),
                      "startup_seconds": _first(r, "startup_seconds"),
                      **{k: v for k, v in (r.config or {}).items()}})
     finished = [row for row in rows if row["status"] == "finished" and isinstance(row[t.metric], (int, float))]
     sign = 1 if t.mode == "max" else -1
     best = max(finished, key=lambda row: sign * float(row[t.metric])) if finished else None
-    counts = {s: sum(1 for row in rows if row["status"] == s)
-              for s in ("finished", "early_stopped", "failed", "unfinished")}
-    summary = {"trials": len(rows), **counts, "wall_seconds": wall,
-               "trials_per_hour": len(rows) / wall * 3600 if wall > 0 else 0.0,
-               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"], "mode": t.mode}
+    counts = {key: sum(1 for row in rows if row["status"] == word)
+              for key, word in (("finished", "finished"), ("stopped_early", "stopped early"), ("failed", "failed"),
+                                ("interrupted", "interrupted"))}
+    summary: dict[str, Any] = {"trials": len(rows), **counts, "wall_seconds": wall,
+                               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"],
+                               "mode": t.mode}
+    summary["interrupted_sweep"] = bool(counts["interrupted"]) or len(rows) < t.num_samples
+    if ended_here and wall > 0:
+        summary["trials_per_hour"] = ended_here / wall * 3600
     best_config: dict[str, Any] = {}
     if best is not None:
         summary[f"best_{t.metric}"] = best[t.metric]
@@ -615,6 +704,9 @@ def _shown(value: Any) -> str:
 
 
 def _print_table(summary: dict[str, Any], metric: str) -> None:
+    """The trials, best first, and one line of counts."""
+    from rrscale.scale.progress import format_duration, sampled_text
+
     sign = -1 if summary.get("mode", "max") == "max" else 1
 
     def order(r: dict[str, Any]) -> tuple:
@@ -624,75 +716,139 @@ def _print_table(summary: dict[str, Any], metric: str) -> None:
     extra = "" if metric == "knn_top1" else f" {'knn_top1':>9}"
     print(f"{'trial':<10} {'status':<14} {'epochs':>6} {metric:>11}{extra}  sampled")
     for r in sorted(summary["rows"], key=order):
-        sampled = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if "." in k)
         knn = "" if metric == "knn_top1" else f" {_shown(r.get('knn_top1')):>9}"
-        print(f"{r['trial_id']:<10} {r['status']:<14} {r['epochs']!s:>6} {_shown(r.get(metric)):>11}{knn}  {sampled}")
-    unfinished = f", {summary['unfinished']} unfinished" if summary.get("unfinished") else ""
-    print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['early_stopped']} stopped early "
-          f"by ASHA, {summary['failed']} failed{unfinished}; {summary['trials_per_hour']:.1f} trials/hour")
+        print(f"{r['trial_id']:<10} {r['status']:<14} {r['epochs']!s:>6} {_shown(r.get(metric)):>11}{knn}  "
+              f"{sampled_text(r)}")
+    parts = [f"{summary['finished']} finished", f"{summary['stopped_early']} stopped early",
+             f"{summary['failed']} failed"]
+    if summary.get("interrupted"):
+        parts.append(f"{summary['interrupted']} interrupted")
+    rate = f", {summary['trials_per_hour']:.0f} trials/hour" if "trials_per_hour" in summary else ""
+    print(f"{summary['trials']} trials: {', '.join(parts)}; {format_duration(summary['wall_seconds'])}{rate}")
 
 
-def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, requested_mode: str = "auto") -> int:
-    """Run (or with ``resume`` continue) the sweep of ``path``; returns the exit code."""
+def resolved_experiment(cfg: ExperimentConfig, path: Path) -> ExperimentConfig:
+    """``cfg`` with what a new shell would not know filled in: absolute data paths, the sweep's
+    name and storage, and the tracking URI (an absolute sqlite path by default)."""
+    from rrscale.config import validate
+    from rrscale.scale.train import absolute_data_paths
+    from rrscale.tracking.mlflow import resolve_tracking_uri
+
+    name, storage, _ = sweep_paths(cfg, path)
+    raw = absolute_data_paths(cfg).model_dump(mode="json", by_alias=True, exclude_none=True)
+    raw["tune"].update({"name": name, "storage_path": storage})
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    if "@" not in uri.split("://", 1)[-1].split("/", 1)[0]:  # never write credentials into a file
+        raw["mlflow"]["tracking_uri"] = uri
+    return validate(raw, str(path))
+
+
+def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, requested_mode: str = "auto",
+             overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Run (or with ``resume`` continue) the sweep of ``path``; returns the exit code.
+
+    Before Ray starts: the storage folder must be writable, the sweep must (not) exist, and no
+    other process may be running it (:class:`~rrscale.scale.sweep_dir.SweepLock`, held until
+    the sweep ends). The resolved experiment is kept in the sweep folder
+    (``experiment.yaml``), so the printed follow-up commands work in a new shell.
+    """
     from rrscale.scale import cluster
+    from rrscale.tracking import mlflow as tracking
 
     path = Path(path)
     name, storage, local = sweep_paths(cfg, path)
-    exists = (local / "tuner.pkl").exists()
-    if resume and not exists:
-        return _err(f"{path}: tune.name: expected an existing sweep '{name}' to resume in {storage} (none found)")
-    if not resume and exists:
-        return _err(f"{path}: tune.name: sweep '{name}' already exists in {storage}; expected --resume to "
-                    f"continue it or another tune.name (--set tune.name=...)")
-    info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard)
-    print(info.describe(), flush=True)
-    # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping);
-    # the forced snapshots after trial checkpoints are wanted, not a bottleneck here.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
-        return _sweep(cfg, path, resume, info, requested_mode)
+        sweep_dir.check_storage(storage, str(path))
+    except ConfigError as exc:
+        return _err(str(exc))
+
+    def wrong_state() -> str:
+        exists = (local / "tuner.pkl").exists()
+        if resume and not exists:
+            return f"{path}: tune.name: expected an existing sweep '{name}' to resume in {storage} (none found)"
+        if not resume and exists:
+            return (f"{path}: tune.name: sweep '{name}' already exists in {storage}; expected --resume to "
+                    f"continue it (rrscale tune --resume {local}) or another tune.name (--set tune.name=...)")
+        return ""
+
+    if wrong_state():  # checked before the lock too, so that a refused command creates nothing
+        return _err(wrong_state())
+    try:
+        lock = sweep_dir.SweepLock(local).__enter__()
+    except sweep_dir.SweepBusy as exc:
+        return _err(f"{path}: tune.name: sweep '{name}' is running in another process ({exc}); expected it "
+                    f"to end first, or another tune.name (--set tune.name=...)")
+    try:
+        if wrong_state():
+            return _err(wrong_state())
+        cfg = resolved_experiment(cfg, path)
+        sweep_dir.write_experiment(cfg, local, source=path, overrides=list(overrides))
+        tracking.quiet_logs()
+        tracking.bounded_http_retries()
+        info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard,
+                                     job_name=f"rrscale tune {name}")
+        print(info.describe(), flush=True)
+        # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping,
+        # and the trial records make up for that); the forced snapshots after trial checkpoints
+        # are wanted, not a bottleneck here.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        try:
+            return _sweep(cfg, path, resume, info, requested_mode)
+        finally:
+            cluster.shutdown(info)
     finally:
-        cluster.shutdown(info)
+        lock.__exit__(None, None, None)
 
 
 def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested_mode: str) -> int:
+    from rrscale.scale import progress
     from rrscale.tracking import mlflow as tracking
 
     name, storage, local = sweep_paths(cfg, path)
-    local.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    uri = cfg.mlflow.tracking_uri or tracking.resolve_tracking_uri("")
     base = space.base_dict(cfg)
     parent = tracking.start_sweep(cfg.mlflow.experiment, uri, name, path, base, resume)
     (local / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "name": name}))
     tuner, facts = build_tuner(cfg, path, resume=resume, cpus=info.cpus, gpus=info.gpus,
                                requested_mode=requested_mode)
     asha = f", ASHA on {cfg.tune.schedule_metric}" if cfg.tune.scheduler == "asha" else ""
-    print(f"rrscale: sweep '{name}' in {storage}/{name}: {cfg.tune.num_samples} trials, "
-          f"{facts['max_concurrent']} at a time ({facts['mode']}), metric {cfg.tune.metric} ({cfg.tune.mode}){asha}",
-          flush=True)
+    print(f"rrscale: sweep '{name}' in {local}: {cfg.tune.num_samples} trials, {facts['max_concurrent']} at a "
+          f"time ({facts['mode']}), metric {cfg.tune.metric} ({cfg.tune.mode}){asha}", flush=True)
+    if parent:
+        print(f"mlflow: experiment '{cfg.mlflow.experiment}' at {uri}, parent run {parent}", flush=True)
+    resume_hint = f"rrscale tune --resume {shlex.quote(str(local))}"
     tic = time.time()
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        tracking.finish_sweep(parent, {"interrupted": 1}, {}, [], status="KILLED", tracking_uri=uri)
-        print(f"rrscale: sweep '{name}' interrupted; continue it with: rrscale tune {path} --resume",
-              file=sys.stderr)
+        tracking.finish_sweep(parent, {}, {}, [], status="interrupted", tracking_uri=uri)
+        print(f"rrscale: sweep '{name}' interrupted; continue it with: {resume_hint}", file=sys.stderr)
         return 130
-    interrupted = was_interrupted(results, cfg)
-    summary = summarize(results, cfg, facts, time.time() - tic, interrupted)
+    summary = summarize(results, cfg, facts, time.time() - tic, since=tic)
+    interrupted = summary["interrupted_sweep"]
+    if not interrupted:
+        lost = close_lost_optuna_trials(local / "optuna.db", name)
+        if lost:
+            print(f"rrscale: {lost} Optuna trial(s) asked for just before an earlier driver died were never "
+                  "run; marked FAIL in the study", flush=True)
+    print()
     _print_table(summary, cfg.tune.metric)
     artifacts = [p for p in (local / "trials.csv", local / "sweep.json") if p.exists()]
     tracking.finish_sweep(parent, {k: v for k, v in summary.items() if k not in ("rows", "best_config")},
-                          summary["best_config"], artifacts, status="KILLED" if interrupted else "FINISHED",
+                          summary["best_config"], artifacts, status="interrupted" if interrupted else "FINISHED",
                           tracking_uri=uri)
-    if interrupted:
-        print(f"rrscale: sweep '{name}' interrupted; continue it with: rrscale tune {path} --resume",
-              file=sys.stderr)
-        return 130
     best = next((r for r in summary["rows"] if r["trial_id"] == summary.get("best_trial_id")), None)
     if best is not None:
-        sets = " ".join(f"--set {k}={v}" for k, v in best.items() if "." in k)
-        print(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f}; "
-              f"run it alone with: rrscale train {path} {sets}")
+        print(f"best trial {best['trial_id']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
+              f"({progress.sampled_text(best)})")
+    experiment_id = tracking.experiment_id_of(parent, tracking_uri=uri) if parent else ""
+    for line in progress.next_steps(
+            experiment=cfg.mlflow.experiment, tracking_uri=uri if parent else "", experiment_id=experiment_id,
+            experiment_file=local / sweep_dir.EXPERIMENT_FILE,
+            best={k: v for k, v in best.items() if "." in k} if best is not None else None,
+            resume=resume_hint if interrupted else ""):
+        print(line)
+    if interrupted:
+        return 130
     return EXIT_OK if summary["finished"] else EXIT_TRAINING_FAILED
