@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import math
 import os
 import socket
@@ -227,7 +226,9 @@ def start_or_join(
         return _info(started=False, context=None)
     env = worker_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    quiet = {"logging_level": logging.WARNING, "job_config": _job_config(job_name)}
+    # Ray's INFO lines (in the driver and, forwarded, from every worker: "Checkpoint successfully
+    # created", "Restored from checkpoint"...) say nothing a user can act on; warnings stay.
+    quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"), "job_config": _job_config(job_name)}
     if address:
         # Inside `ray job submit` the job's runtime_env wins: add only keys it does not set.
         _refresh_ray_config(mode_changed=False)

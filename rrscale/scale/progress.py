@@ -118,6 +118,7 @@ class SweepProgress(Callback):
         self.final_times: list[float] = []
         self.started = 0.0
         self.last_print = 0.0
+        self.last_body = ""
         self.drawn = False
         self.outcomes: dict[str, str] = {}  # trial id -> how it ended (Tune sets the status later)
 
@@ -204,8 +205,12 @@ class SweepProgress(Callback):
         tty = sys.stdout.isatty()
         if not force and now - self.last_print < (REDRAW_S if tty else HEARTBEAT_S):
             return
-        self.last_print = now
-        self._emit(self.status_line(trials, now), status=True)
+        line = self.status_line(trials, now)
+        body = line.split("] ", 1)[-1]
+        if body == self.last_body and not tty and now - self.last_print < HEARTBEAT_S:
+            return
+        self.last_print, self.last_body = now, body
+        self._emit(line, status=True)
 
     def finish(self) -> None:
         """End a status line drawn in place, so that what follows starts on a new line."""

@@ -793,6 +793,10 @@ def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, request
         # are wanted, not a bottleneck here.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune's own console output (experiment table, TensorBoard hint) even at verbose=0 comes
+        # from its "new output" engine; the classic reporter is silent at 0 and SweepProgress
+        # prints the view instead.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         try:
             return _sweep(cfg, path, resume, info, requested_mode)
         finally:
@@ -834,6 +838,8 @@ def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested
                   "run; marked FAIL in the study", flush=True)
     print()
     _print_table(summary, cfg.tune.metric)
+    if interrupted:
+        print(f"rrscale: sweep '{name}' interrupted; its unfinished trials continue on --resume")
     artifacts = [p for p in (local / "trials.csv", local / "sweep.json") if p.exists()]
     tracking.finish_sweep(parent, {k: v for k, v in summary.items() if k not in ("rows", "best_config")},
                           summary["best_config"], artifacts, status="interrupted" if interrupted else "FINISHED",

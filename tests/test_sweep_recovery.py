@@ -1,0 +1,176 @@
+"""Sweeps that are interrupted, killed, run twice at once, or lose MLflow: real processes.
+
+Every scenario here runs real ``rrscale tune`` processes on a local Ray (real Optuna, real
+sqlite MLflow or a real ``mlflow server``), so the module is ``slow``; each scenario checks as
+much as one run can honestly show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from tests.scale_fixtures import (
+    RayEnv,
+    _results,
+    end_processes,
+    free_port,
+    ray_env,  # noqa: F401  (fixture)
+    run_cli,
+    sweep_yaml,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep_dir(env: RayEnv, name: str) -> Path:
+    return env.tmp / "ray_results" / name
+
+
+def _complete_trials(db: Path) -> int:
+    """COMPLETE trials in an Optuna sqlite study, read without disturbing the writer."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05) as con:
+            return int(con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _fresh_shell(env: RayEnv) -> dict[str, str]:
+    """A new shell: none of rrscale's or MLflow's variables (only Ray's isolation of this test)."""
+    out = env.env()
+    for key in list(out):
+        if key.startswith(("RRSCALE_", "MLFLOW_TRACKING")):
+            del out[key]
+    return out
+
+
+def _run_printed(command: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command exactly as rrscale printed it (``rrscale`` is this interpreter's entry point)."""
+    argv = shlex.split(command)
+    assert argv[0] == "rrscale", command
+    return subprocess.run([sys.executable, "-m", "rrscale.cli", *argv[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _printed(text: str, label: str) -> str:
+    match = re.search(rf"^\s*{re.escape(label)}\s+(rrscale .+)$", text, re.M)
+    assert match, f"no '{label}' line in:\n{text[-3000:]}"
+    return match.group(1).strip()
+
+
+def _mlflow_children(db: Path, experiment: str = "rrscale-tests") -> tuple[list[Any], list[Any]]:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, SIGKILL, resume
+
+
+@pytest.mark.timeout(900, method="thread")
+def test_ctrl_c_then_sigkill_at_a_completion_then_resume_in_a_new_shell(ray_env: RayEnv) -> None:
+    """Ctrl-C marks the unfinished trials "interrupted" and prints a resume command; that
+    command, pasted into a new shell (no --set, no environment), continues the sweep; a SIGKILL
+    the instant the 2nd trial became COMPLETE in optuna.db (Tune's snapshot then lags the study)
+    leaves a sweep that the printed command again resumes, with Tune, Optuna and MLflow agreeing:
+    each trial once, none re-trained, nothing left RUNNING, trials.csv written."""
+    name = "killed"
+    path = sweep_yaml(ray_env.tmp, name, tune={"scheduler": "none", "num_samples": 4, "max_concurrent_trials": 2})
+    sweep = _sweep_dir(ray_env, name)
+    db = ray_env.mlflow_db
+    # The first run has what a new shell lacks: --set overrides and MLFLOW_TRACKING_URI.
+    first = subprocess.Popen([sys.executable, "-m", "rrscale.cli", "tune", str(path), "--set", "train.epochs=3",
+                              "--set", "method.head_width=24"], cwd=ray_env.tmp, env=ray_env.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(_results(d) for d in sweep.glob("*/")):
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err[-3000:]
+    resume = _printed(out, "continue the sweep:")
+    assert resume == f"rrscale tune --resume {sweep}"
+    parents, children = _mlflow_children(db)
+    assert [p.data.tags.get("rrscale.status") for p in parents] == ["interrupted"]
+    assert children and all(c.info.status != "RUNNING" for c in children)
+    assert "interrupted" in {c.data.tags.get("rrscale.status") for c in children}
+    assert "Traceback" not in out + err
+    resolved = yaml.safe_load((sweep / "experiment.yaml").read_text())
+    assert resolved["train"]["epochs"] == 3 and resolved["tune"]["storage_path"] == str(sweep.parent)
+    assert resolved["mlflow"]["tracking_uri"] == ray_env.tracking_uri
+
+    # The printed command in a new shell, killed the instant the 2nd trial is COMPLETE.
+    elsewhere = ray_env.tmp / "elsewhere"
+    elsewhere.mkdir()
+    argv = shlex.split(resume)
+    second = subprocess.Popen([sys.executable, "-m", "rrscale.cli", *argv[1:]], cwd=elsewhere,
+                              env=_fresh_shell(ray_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and _complete_trials(sweep / "optuna.db") < 2:
+            assert second.poll() is None, second.communicate()[1][-3000:]
+            time.sleep(0.01)
+        assert _complete_trials(sweep / "optuna.db") >= 2, "no 2nd trial completed in time"
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    end_processes(str(ray_env.ray_tmp), f"RAY_AUTH_TOKEN={ray_env.token}")  # the dead driver's Ray
+    complete_at_kill = {t.number: t.value for t in optuna.load_study(
+        study_name=name, storage=f"sqlite:///{sweep / 'optuna.db'}").trials if t.state.name == "COMPLETE"}
+    lines_at_kill = {d.name: len(_results(d)) for d in sweep.glob("*/") if _results(d)}
+
+    third = _run_printed(resume, _fresh_shell(ray_env), elsewhere, timeout=420)
+    assert third.returncode == 0, third.stderr[-3000:] + third.stdout[-3000:]
+    rows = json.loads((sweep / "sweep.json").read_text())["rows"]
+    ids = [r["trial_id"] for r in rows]
+    assert len(ids) == 4 and len(set(ids)) == 4 and all(r["status"] == "finished" for r in rows), rows
+    assert (sweep / "trials.csv").read_text().count("\n") == 5
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4  # each trial once, none lost
+    assert sorted(t.value for t in study.trials) == sorted(r["probe_top1"] for r in rows)
+    for number, value in complete_at_kill.items():
+        assert study.trials[number].value == value
+    for trial, count in lines_at_kill.items():  # a trial Optuna had seen finish was not trained again
+        results = _results(sweep / trial)
+        if trial in ids and any(r.get("final") for r in results[:count]):
+            assert not any(r.get("epoch") for r in results[count:]), trial
+    parents, children = _mlflow_children(db)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["rrscale.trial_id"] for c in children) == sorted(ids)  # each trial once
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    # "run the best alone", pasted into a new shell, trains exactly the best trial's config.
+    alone = _printed(third.stdout, "run the best alone:")
+    ran = _run_printed(alone + " --out " + str(ray_env.tmp / "alone"), _fresh_shell(ray_env), elsewhere)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    best = json.loads((sweep / "sweep.json").read_text())["summary"]["best_trial_id"]
+    final = next(r for r in _results(sweep / best) if r.get("final"))
+    assert json.loads((ray_env.tmp / "alone" / "summary.json").read_text())["config_hash"] == final["config_hash"]
