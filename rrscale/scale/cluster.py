@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import socket
@@ -207,9 +208,14 @@ def _start_lock() -> Iterator[None]:
 
 
 def _job_config(job_name: str) -> Any:
+    """The driver's job: its name, and WARNING as the log level of its worker processes (Ray's
+    INFO lines there, "Checkpoint successfully created", "Restored from checkpoint"..., are
+    forwarded to the console and say nothing a user can act on; warnings stay)."""
     from ray.job_config import JobConfig
 
-    return JobConfig(metadata={"job_name": job_name}) if job_name else None
+    config = JobConfig(metadata={"job_name": job_name} if job_name else None)
+    config.set_py_logging_config(ray.LoggingConfig(log_level="WARNING"))
+    return config
 
 
 def start_or_join(
@@ -226,9 +232,7 @@ def start_or_join(
         return _info(started=False, context=None)
     env = worker_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    # Ray's INFO lines (in the driver and, forwarded, from every worker: "Checkpoint successfully
-    # created", "Restored from checkpoint"...) say nothing a user can act on; warnings stay.
-    quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"), "job_config": _job_config(job_name)}
+    quiet = {"logging_level": logging.WARNING, "job_config": _job_config(job_name)}
     if address:
         # Inside `ray job submit` the job's runtime_env wins: add only keys it does not set.
         _refresh_ray_config(mode_changed=False)

@@ -192,9 +192,11 @@ def bounded_http_retries() -> None:
 
 def quiet_logs() -> None:
     """MLflow's and alembic's INFO lines (table creation, migrations, "View run at") say
-    nothing a user can act on; keep their warnings and errors."""
+    nothing a user can act on; keep their warnings and errors. urllib3's "Retrying ..."
+    warnings under MLflow's HTTP client repeat what :func:`_guard` says once."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def unreachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> str:
