@@ -26,13 +26,27 @@ How a sweep runs
   values are always real probe scores and TPE ranks cut-short trials below finished ones by
   how far they got (their per-epoch intermediate values). MLflow never gets a stand-in under
   the metric's name.
-* Resume (``--resume``): ``Tuner.restore(sweep_dir, trainable=..., resume_errored=True)``
-  restores trials, searcher and scheduler; the Optuna study lives in sqlite, finished trials
-  are never re-run and an in-process trial that had already finished but whose completion
-  the killed driver had not yet saved re-reports its stored final numbers instead of training
-  again. Train runs inside trials resume by ``(storage_path, trial id)``.
+* Failures: a trial whose process or node is lost (or that hits an I/O error) is retried up to
+  ``scaling.max_failures`` times; a failure that another attempt cannot fix (divergence, a
+  config or data error, a bug) ends the trial "failed" at once, in one console line, with the
+  traceback kept in its result and MLflow run (:func:`rrscale.scale.train.retryable`).
+* Resume (``--resume``, with the experiment file or the sweep folder, which keeps the resolved
+  ``experiment.yaml``): ``Tuner.restore(sweep_dir, trainable=..., resume_errored=False)``
+  restores trials and searcher (Ray does not save the scheduler). A driver killed at any instant
+  leaves Tune's snapshot (saved every ~2 s) behind the Optuna study and MLflow; the trial folders
+  say first how each trial ended (:mod:`rrscale.scale.trial_record`), so on resume a trial that
+  had ended re-reports that ending instead of training, :class:`RRSearch` does not tell Optuna
+  twice and hands Optuna trials the snapshot lost to the replacement trials, and
+  :class:`SweepTracker` closes MLflow runs of trials Tune no longer knows. Train runs inside
+  trials resume by ``(storage_path, trial id)``.
+* Concurrency: one process per sweep (an ``fcntl`` lock on the sweep folder,
+  :mod:`rrscale.scale.sweep_dir`); two sweeps on one machine get two dashboard ports
+  (:mod:`rrscale.scale.cluster`) and share a new ``mlflow.db`` safely (its tables are created
+  under a lock, :mod:`rrscale.tracking.mlflow`).
 * Tracking: :class:`SweepTracker` (a Tune callback on the driver) calls
-  :mod:`rrscale.tracking.mlflow`: one parent run per sweep, a child run per trial.
+  :mod:`rrscale.tracking.mlflow`: one parent run per sweep, a child run per trial; trials cut
+  short by Ctrl-C end "interrupted". The console shows :mod:`rrscale.scale.progress`'s live view
+  instead of Tune's tables, then the trials and the commands to run next.
 """
 
 from __future__ import annotations
@@ -231,8 +245,9 @@ def _trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], opts: dict[str, Any]) -> None:
-    """The Tune function trainable: one trial of the sweep.
+def rrscale_trial(config: dict[str, Any], base: dict[str, Any], opts: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial of the sweep. (Its name is what Ray shows for the
+    trial processes: "(rrscale_trial pid=...)" in forwarded logs, the actors' repr in the dashboard.)
 
     A trial that had already ended before the driver died reports that ending again (see
     :mod:`rrscale.scale.trial_record`). A failure that another attempt cannot fix ends the trial
@@ -566,7 +581,7 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
             "train_storage": f"{experiment}/train", "trial_root": experiment, "cpus": per_cpu}
     resources = ({"cpu": per_cpu, "gpu": per_gpu} if mode == "inprocess"
                  else {"cpu": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, opts=opts), resources)
+    trainable = tune.with_resources(tune.with_parameters(rrscale_trial, base=base, opts=opts), resources)
     max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
     facts = {"name": name, "storage": storage, "local": local, "mode": mode, "max_concurrent": max_conc,
              "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base, "experiment": experiment}
@@ -752,9 +767,6 @@ def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, request
     the sweep ends). The resolved experiment is kept in the sweep folder
     (``experiment.yaml``), so the printed follow-up commands work in a new shell.
     """
-    from rrscale.scale import cluster
-    from rrscale.tracking import mlflow as tracking
-
     path = Path(path)
     name, storage, local = sweep_paths(cfg, path)
     try:
@@ -774,35 +786,44 @@ def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, request
     if wrong_state():  # checked before the lock too, so that a refused command creates nothing
         return _err(wrong_state())
     try:
-        lock = sweep_dir.SweepLock(local).__enter__()
+        with sweep_dir.SweepLock(local):
+            if wrong_state():
+                return _err(wrong_state())
+            return _start(cfg, path, resume, requested_mode, overrides)
     except sweep_dir.SweepBusy as exc:
         return _err(f"{path}: tune.name: sweep '{name}' is running in another process ({exc}); expected it "
                     f"to end first, or another tune.name (--set tune.name=...)")
+    except KeyboardInterrupt:  # Ctrl-C before Tune took over (Ray or MLflow starting)
+        print(f"rrscale: sweep '{name}' interrupted before it started", file=sys.stderr)
+        return 130
+
+
+def _start(cfg: ExperimentConfig, path: Path, resume: bool, requested_mode: str,
+           overrides: list[str] | tuple[str, ...]) -> int:
+    """Under the sweep's lock: keep the resolved experiment, start (or join) Ray, run the sweep."""
+    from rrscale.scale import cluster
+    from rrscale.tracking import mlflow as tracking
+
+    name, _, local = sweep_paths(cfg, path)
+    cfg = resolved_experiment(cfg, path)
+    sweep_dir.write_experiment(cfg, local, source=path, overrides=list(overrides))
+    tracking.quiet_logs()
+    tracking.bounded_http_retries()
+    info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard,
+                                 job_name=f"rrscale tune {name}")
+    print(info.describe(), flush=True)
+    # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping, and
+    # the trial records make up for that); the forced snapshots after trial checkpoints are
+    # wanted, not a bottleneck here.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console output (experiment table, TensorBoard hint) comes even at verbose=0 from its
+    # "new output" engine; the classic reporter is silent at 0, and SweepProgress prints instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
-        if wrong_state():
-            return _err(wrong_state())
-        cfg = resolved_experiment(cfg, path)
-        sweep_dir.write_experiment(cfg, local, source=path, overrides=list(overrides))
-        tracking.quiet_logs()
-        tracking.bounded_http_retries()
-        info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard,
-                                     job_name=f"rrscale tune {name}")
-        print(info.describe(), flush=True)
-        # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping,
-        # and the trial records make up for that); the forced snapshots after trial checkpoints
-        # are wanted, not a bottleneck here.
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        # Tune's own console output (experiment table, TensorBoard hint) even at verbose=0 comes
-        # from its "new output" engine; the classic reporter is silent at 0 and SweepProgress
-        # prints the view instead.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        try:
-            return _sweep(cfg, path, resume, info, requested_mode)
-        finally:
-            cluster.shutdown(info)
+        return _sweep(cfg, path, resume, info, requested_mode)
     finally:
-        lock.__exit__(None, None, None)
+        cluster.shutdown(info)
 
 
 def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested_mode: str) -> int:

@@ -114,6 +114,7 @@ _run_uri: dict[str, str] = {}
 _last_step: dict[str, int] = {}
 _down_until: dict[str, float] = {}
 _logged_through: dict[str, int] = {}
+_had_metrics: dict[str, dict[str, float]] = {}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -544,6 +545,7 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
             logged = _last_logged_step(client, run)
             with _lock:
                 _logged_through[run_id] = logged
+                _had_metrics[run_id] = dict(run.data.metrics)
             _log_batch(client, run_id, params=flat)
             return run_id
         all_tags = {_key(k): _tag_value(v) for k, v in tags.items()}
@@ -600,6 +602,10 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
         guess = next((summary[k] for k in ("epochs", "epoch", "training_iteration") if k in summary), 0)
         step = int(guess) if _number(guess) is not None else 0
     nums, tags = _split_summary(summary, "summary.")
+    with _lock:
+        had = _had_metrics.pop(run_id, {})
+    # a trial that re-reports its ending after a resume: values the run holds already stay single
+    nums = {k: v for k, v in nums.items() if had.get(_key(k)) != _number(v)}
     tags["rrscale.status"] = _tag_value(status)
     final = _status(status)
     client = _client(uri)
