@@ -279,3 +279,73 @@ def test_a_refused_tracking_server_is_detected_in_seconds_and_said_once(caplog: 
     assert took < trk.REACH_TIMEOUT_S + 2
     said = [r.getMessage() for r in caplog.records if uri in r.getMessage()]
     assert len(said) == 1 and "unreachable" in said[0] and "Connection refused" in said[0], said
+
+
+# ----------------------------------------------------------------------------- reconciling after a kill
+
+
+def test_a_restored_searcher_catches_up_with_the_newer_optuna_study(tmp_path: Path) -> None:
+    """What a SIGKILL leaves: the pickled searcher (Tune's snapshot) knows trials t1, t2 as
+    running, while the study (written later) has t1 COMPLETE and a 3rd trial asked for after the
+    snapshot. Restored, the searcher neither re-tells t1 (Optuna would raise) nor leaves the 3rd
+    RUNNING forever: the next new Tune trial takes it over with the same sampled values."""
+    import optuna
+
+    from rrscale.scale import space
+    from rrscale.scale.tune import RRSearch, close_lost_optuna_trials
+
+    cfg = load_config(sweep_yaml(tmp_path, "s"))
+    base = space.base_dict(cfg)
+    db = tmp_path / "optuna.db"
+
+    def searcher() -> RRSearch:
+        return RRSearch(space=space.define_by_run(cfg.search, base), metric="probe_top1", mode="max",
+                        sampler=optuna.samplers.TPESampler(seed=0), study_name="s",
+                        storage=optuna.storages.RDBStorage(f"sqlite:///{db}"), trial_root=str(tmp_path / "trials"))
+
+    first = searcher()
+    first.suggest("t1")
+    first.suggest("t2")
+    first.save(str(tmp_path / "snapshot.pkl"))
+    first.on_trial_complete("t1", {"probe_top1": 0.4, "final": True, "metric_source": "probe_top1"})
+    lost = first.suggest("t3")  # asked for after the snapshot
+    assert trial_record.ending_of(str(tmp_path / "trials" / "t1"))[0] == "finished"  # recorded before Optuna
+
+    restored = searcher()
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    restored.on_trial_result("t1", {"probe_top1": 0.4, "training_iteration": 4})  # re-reported: no error
+    restored.on_trial_complete("t1", {"probe_top1": 0.4, "final": True, "metric_source": "probe_top1"})
+    assert restored.suggest("t9") == lost  # the orphan, taken over
+    restored.on_trial_complete("t9", {"probe_top1": 0.3, "final": True, "metric_source": "probe_top1"})
+    restored.on_trial_complete("t2", {"status": "failed", "final": True, "probe_top1": 0.2, "metric_source": "none"})
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 0.4), ("FAIL", None), ("COMPLETE", 0.3)]
+    assert close_lost_optuna_trials(db, "s") == 0
+    study.ask()  # one nobody took over: failed, with the reason, once the sweep ends
+    assert close_lost_optuna_trials(db, "s") == 1
+    assert "lost" in optuna.load_study(study_name="s", storage=f"sqlite:///{db}").trials[-1].user_attrs["rrscale.status"]
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_stray_trial_runs_are_closed_and_interrupted_ones_say_so(tmp_path: Path) -> None:
+    import mlflow
+    from mlflow.entities import ViewType
+
+    from rrscale.tracking import mlflow as trk
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = trk.start_sweep("e", uri, "s", tmp_path / "none.yaml", {"a": 1}, resume=False)
+    runs = {t: trk.start_trial(parent, t, {}, {}, tracking_uri=uri) for t in ("t1", "t2", "t3")}
+    trk.end_trial(runs["t1"], {"probe_top1": 0.5}, "FINISHED", None, tracking_uri=uri)
+    assert trk.close_stray_trials(parent, {"t1", "t2"}, tracking_uri=uri) == ["t3"]
+    trk.end_trial(runs["t2"], {}, "interrupted", None, tracking_uri=uri)
+    trk.finish_sweep(parent, {}, {}, [], status="interrupted", tracking_uri=uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    active = {r.data.tags["rrscale.trial_id"]: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert sorted(active) == ["t1", "t2"]
+    assert active["t2"].info.status == "KILLED" and active["t2"].data.tags["rrscale.status"] == "interrupted"
+    stray = client.get_run(runs["t3"])
+    assert stray.info.lifecycle_stage == "deleted" and stray.data.tags["rrscale.status"] == "lost"
+    assert client.get_run(parent).data.tags["rrscale.status"] == "interrupted"
+    assert len(client.search_runs([stray.info.experiment_id], run_view_type=ViewType.ALL)) == 4
