@@ -67,7 +67,8 @@ def test_status_line_counts_best_and_eta() -> None:
         _trial("c", "RUNNING", {"epoch": 2}),
     ]
     line = view.status_line(trials, now=161.0)
-    assert line.startswith("[1:01] 2/4 done: 1 finished, 1 stopped early | 1 running | epochs 7/16")
+    # epochs: 4 + 1 + 2 trained; planned: the ended trials' 4 + 1, the running one's 4, one more trial's 4
+    assert line.startswith("[1:01] 2/4 done: 1 finished, 1 stopped early | 1 running | epochs 7/13")
     assert "best probe_top1 0.3100" in line  # a stopped trial's stand-in (0.9) is no score
     # c: 2 epochs left + probe = 5 s; one trial not started: 4 * 2 + 1 = 9 s; two slots share
     # 14 s of work (7 s), but the trial not started alone takes 9 s

@@ -136,14 +136,17 @@ class SweepProgress(Callback):
         if detail:
             parts[0] += f": {detail}"
         parts.append(f"{counts['running']} running")
-        planned = self.num_samples * self.epochs
+        running = [t for t, s in zip(trials, states) if s == "running"]
+        pending = self.num_samples - len(trials) + states.count("pending")
         trained = sum(epochs_done(t) for t in trials)
+        # what ended counts as trained; the rest as planned (a trial stopped early needs no more)
+        planned = (sum(epochs_done(t) for t, s in zip(trials, states) if s not in ("running", "pending"))
+                   + sum(self.epochs_of(t) for t, s in zip(trials, states) if s in ("running", "pending"))
+                   + max(0, self.num_samples - len(trials)) * self.epochs)
         parts.append(f"epochs {trained}/{planned}")
         best = self.best(trials)
         if best is not None:
             parts.append(f"best {self.metric} {best:.4f}")
-        running = [t for t, s in zip(trials, states) if s == "running"]
-        pending = self.num_samples - len(trials) + states.count("pending")
         eta = eta_seconds(
             epochs_left=[max(0, self.epochs_of(t) - epochs_done(t)) for t in running], pending=max(0, pending),
             epochs_per_trial=self.epochs, epoch_s=_median(self.epoch_times), final_s=_median(self.final_times),
