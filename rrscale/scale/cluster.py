@@ -241,10 +241,10 @@ def start_or_join(
         context = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
                            log_to_driver=log_to_driver, **quiet)
         return _info(started=False, context=context)
-    mode_changed = AUTH_MODE_ENV not in os.environ
-    if mode_changed:
-        os.environ[AUTH_MODE_ENV] = "token"
-    _refresh_ray_config(mode_changed)
+    os.environ.setdefault(AUTH_MODE_ENV, "token")
+    # Re-read even when the variable was set already: a process that imported Ray before it was
+    # set (a test session, a notebook) has cached the old mode in Ray's C++ config.
+    _refresh_ray_config(mode_changed=True)
     # The raylet and every worker inherit this process' environment: set PYTHONPATH here
     # instead of a job runtime_env, which would make Ray set up an env per worker.
     os.environ.update(env)
