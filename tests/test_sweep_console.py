@@ -134,6 +134,22 @@ def test_resolved_experiment_file_reloads_to_the_same_config(tmp_path: Path, mon
 # ----------------------------------------------------------------------------- sweep folder
 
 
+def test_a_sweep_on_a_storage_uri_keeps_its_local_folder_whatever_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rrscale.scale.tune import sweep_exists, sweep_paths
+
+    cfg = load_config(sweep_yaml(tmp_path, "uri", tune={"storage_path": f"file://{tmp_path}/bucket"}))
+    monkeypatch.chdir(tmp_path)
+    here = sweep_paths(cfg, Path("uri.yaml"))
+    monkeypatch.chdir("/")
+    assert sweep_paths(cfg, Path("uri.yaml")) == here
+    assert here[2].parent == Path.home() / ".rrscale" / "sweeps" and here[2].name.startswith("uri-")
+    assert not sweep_exists(here[1], "uri")
+    (tmp_path / "bucket" / "uri").mkdir(parents=True)
+    (tmp_path / "bucket" / "uri" / "tuner.pkl").write_bytes(b"")
+    assert sweep_exists(here[1], "uri") and sweep_exists(str(tmp_path / "bucket"), "uri")
+
+
 def test_sweep_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
     with sweep_dir.SweepLock(tmp_path / "s"):
         with pytest.raises(sweep_dir.SweepBusy, match=f"pid {os.getpid()}"):

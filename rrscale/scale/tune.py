@@ -542,14 +542,29 @@ def sweep_paths(cfg: ExperimentConfig, path: Path) -> tuple[str, str, Path]:
     """(sweep name, Tune storage path, local sweep folder for optuna.db and the summaries).
 
     ``tune.storage_path`` defaults to ``./runs/tune``; with a URI (``s3://...``) the local
-    folder is ``./.rrscale/sweeps/<name>``.
+    folder is ``~/.rrscale/sweeps/<name>-<8 hex digits of the URI>``: the same from every working
+    directory (a resumed ``ray job submit`` entrypoint runs in a new one), one per storage.
     """
+    import hashlib
+
     name = cfg.tune.name or Path(path).stem
     storage = cfg.tune.storage_path or str(Path("runs") / "tune")
     if "://" in storage:
-        return name, storage, (Path(".rrscale") / "sweeps" / name).resolve()
+        digest = hashlib.sha1(storage.rstrip("/").encode()).hexdigest()[:8]
+        return name, storage, Path.home() / ".rrscale" / "sweeps" / f"{name}-{digest}"
     storage = str(Path(storage).expanduser().resolve())
     return name, storage, Path(storage) / name
+
+
+def sweep_exists(storage: str, name: str) -> bool:
+    """Whether Tune saved a sweep ``name`` in ``storage`` (a local path or a URI)."""
+    import pyarrow.fs
+
+    fs, root = trial_record.storage_fs(f"{storage.rstrip('/')}/{name}/tuner.pkl")
+    try:
+        return fs.get_file_info(root).type == pyarrow.fs.FileType.File
+    except OSError:
+        return False
 
 
 def _err(msg: str) -> int:
@@ -775,7 +790,7 @@ def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, request
         return _err(str(exc))
 
     def wrong_state() -> str:
-        exists = (local / "tuner.pkl").exists()
+        exists = sweep_exists(storage, name)
         if resume and not exists:
             return f"{path}: tune.name: expected an existing sweep '{name}' to resume in {storage} (none found)"
         if not resume and exists:
