@@ -24,7 +24,8 @@ examples:
   RRSCALE_DATA_ROOT=/data/cifar10 rrscale train exp.yaml --workers 2   # Ray Train, 2 DDP workers
 
 Data: data.root, else $RRSCALE_DATA_ROOT, else ~/.cache/rrscale/data (torchvision download).
-A folder of Parquet shards (train*.parquet, test*.parquet) works for every image dataset name.
+A folder of Parquet shards (train*.parquet, test*.parquet) or a .npz from 'rrscale data convert'
+works for every image dataset name.
 The run directory holds summary.json, metrics.jsonl and checkpoint.pt; running the same
 config into the same --out resumes from the last checkpoint (use --fresh to start over).
 """
@@ -91,13 +92,21 @@ def _parser() -> argparse.ArgumentParser:
 
     da = sub.add_parser("data", help="dataset tools")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION")
-    cv = dsub.add_parser("convert", help="write Parquet shards (PNG bytes + label) from any image source",
+    cv = dsub.add_parser("convert", help="write Parquet shards (PNG bytes + label) or one .npz from any image source",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog="examples:\n  rrscale data convert cifar10:~/data/cifar out/cifar10\n"
-                         "  rrscale data convert imagefolder:~/pets out/pets --shard-size 5000")
+                         "  rrscale data convert imagefolder:~/pets out/pets --shard-size 5000\n"
+                         "  rrscale data convert cifar10:../shared/data/cifar10 cifar10.npz   # numpy only, "
+                         "no pyarrow to read\n"
+                         "  rrscale data convert cifar10:../shared/data/cifar10 c10-40.npz --fraction 0.4\n\n"
+                         "A .npz holds x_train, y_train, x_test, y_test (uint8 NHWC images, int64 labels) and name;\n"
+                         "use it as data.root, or hand it to benchmarks/gpu_suite.py --data.")
     cv.add_argument("src", help="NAME[:ROOT], NAME one of the data.name values (e.g. svhn:~/data)")
-    cv.add_argument("dst", type=Path, help="output folder")
+    cv.add_argument("dst", type=Path, help="output folder (Parquet shards) or FILE.npz (one compressed numpy file)")
     cv.add_argument("--shard-size", type=int, default=10000)
+    cv.add_argument("--fraction", type=float, default=1.0,
+                    help="keep this stratified share of the training images, seed 0 (test stays whole): "
+                    "a small copy to carry")
 
     sub.add_parser("doctor", help="versions, devices and data locations found")
     return p
@@ -266,9 +275,13 @@ def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     name, _, root = args.src.partition(":")
     try:
-        cfg = validate({"data": {"name": name, "root": root}}, f"SRC '{args.src}'").data
         if args.shard_size < 1:
             raise ConfigError(f"--shard-size: expected an integer >= 1 (got {args.shard_size})")
+        if not 0.0 < args.fraction <= 1.0:
+            raise ConfigError(f"--fraction: expected a number in (0, 1] (got {args.fraction:g})")
+        if args.dst.suffix.lower() == ".npy":
+            raise ConfigError(f"DST '{args.dst}': expected a folder or a .npz file (a .npy holds no labels)")
+        cfg = validate({"data": {"name": name, "root": root, "fraction": args.fraction}}, f"SRC '{args.src}'").data
         written = convert(cfg, args.dst, shard_size=args.shard_size)
     except ConfigError as exc:
         return _fail(str(exc))

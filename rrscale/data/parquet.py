@@ -9,6 +9,10 @@ shrinking them, and a self-describing columnar file needs no pickle and no torch
 Decoding runs in a small thread pool: Pillow releases the GIL inside its decoder (2 threads:
 2.9 s -> 2.1 s for 60,000 CIFAR images), and threads, unlike forked processes, are safe inside
 Ray workers and after torch has started its own threads.
+
+pyarrow is imported by the functions that read or write shards, not by this module: the data
+sources import it, and a machine with only torch and numpy (the GPU suite's) must be able to
+load generated data and array files without pyarrow.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from rrscale.data.arrays import is_array_file, write_arrays
 from rrscale.data.cache import cached_arrays, file_sha256, hash_files
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from rrscale.config import DataConfig
 
 IMAGE_COLUMN = "image"
@@ -89,6 +94,8 @@ def decode_images(
 
 
 def _read_table(path: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
     names = pq.read_schema(path).names
     missing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c not in names]
     if missing:
@@ -97,6 +104,8 @@ def _read_table(path: Path) -> pa.Table:
 
 
 def _decode_files(files: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow as pa
+
     with ThreadPoolExecutor(_THREADS) as pool:
         table = pa.concat_tables(list(pool.map(_read_table, files)), promote_options="permissive")
     labels = table.column(LABEL_COLUMN).fill_null(-1).to_numpy().astype(np.int64)
@@ -153,6 +162,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
     pq.write_table(table, path, compression="zstd", row_group_size=len(table))
 
 
@@ -177,6 +188,8 @@ def write_shards(x: np.ndarray, y: np.ndarray, dst: Path, split: str, shard_size
         raise ValueError(
             f"'{dst}' already holds {', '.join(p.name for p in stale)}; remove them or choose another folder"
         )
+    import pyarrow as pa
+
     dst.mkdir(parents=True, exist_ok=True)
     label_type = pa.int8() if -128 <= int(y.min()) and int(y.max()) <= 127 else pa.int32()
     for i, path in enumerate(paths):
@@ -192,7 +205,8 @@ def write_shards(x: np.ndarray, y: np.ndarray, dst: Path, split: str, shard_size
 
 
 def convert(cfg: DataConfig, dst: str | Path, shard_size: int = 10000) -> list[Path]:
-    """Write any image dataset as Parquet shards plus ``meta.json``; return the files written.
+    """Write any image dataset as Parquet shards plus ``meta.json``, or as one ``.npz`` when
+    ``dst`` ends in ``.npz`` (:mod:`rrscale.data.arrays`); return the files written.
 
     Splits: ``train`` and ``test`` (labelled), and ``unlabeled`` when the dataset trains on a
     separate unlabelled split (STL-10). ``data.fraction`` is honoured (seed 0), which makes a
@@ -202,13 +216,19 @@ def convert(cfg: DataConfig, dst: str | Path, shard_size: int = 10000) -> list[P
     # sources reads shards through this module, so it can only be imported at call time.
     from rrscale.data.sources import DataError, load_data
 
+    dst = Path(dst)
     bundle = load_data(cfg.model_copy(update={"probe_name": None}), seed=0)
     if not bundle.train.is_image:
         raise DataError(f"data.name: '{cfg.name}' is a vector toy set; only image datasets convert")
     splits = {"train": bundle.probe_train, "test": bundle.probe_test}
     if bundle.train is not bundle.probe_train:
         splits = {"unlabeled": bundle.train, **splits}
-    dst = Path(dst)
+    if is_array_file(dst):
+        arrays = {split: (data.x.numpy(), data.y.numpy()) for split, data in splits.items()}
+        try:
+            return [write_arrays(dst, arrays, cfg.name)]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"convert: cannot write '{dst}': {exc}") from None
     written: list[Path] = []
     counts: dict[str, dict[str, object]] = {}
     files: dict[str, dict[str, object]] = {}

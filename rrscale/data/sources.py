@@ -7,9 +7,11 @@ Where data comes from: ``data.root``, else ``$RRSCALE_DATA_ROOT``, else a downlo
 (``~/.cache/rrscale/data``). For the torchvision datasets a root (or its ``<name>/`` subfolder)
 holding ``train*.parquet`` and ``test*.parquet`` shards wins over torchvision's own files, so
 ``rrscale data convert`` output and ``shared/data/cifar10-mini`` load under their real names and
-keep their published normalisation. Otherwise torchvision reads its files, downloading them
-when ``data.download`` allows. A Parquet folder with ``unlabeled*.parquet`` shards (an STL-10
-conversion) trains on those and probes on ``train``/``test``.
+keep their published normalisation. A root that is a ``.npz``/``.npy`` array file
+(:mod:`rrscale.data.arrays`, readable without pyarrow) wins likewise, for every image dataset
+name. Otherwise torchvision reads its files, downloading them when ``data.download`` allows. A
+Parquet folder with ``unlabeled*.parquet`` shards, or an array file with ``x_unlabeled`` (an
+STL-10 conversion), trains on those and probes on ``train``/``test``.
 
 Choices worth knowing:
 
@@ -38,6 +40,7 @@ import torch
 from torchvision import datasets as tv
 
 from rrscale.config import DATA_ROOT_ENV, DATASET_NAMES, DataConfig, resolve_data_root
+from rrscale.data.arrays import array_splits, is_array_file, read_array_split
 from rrscale.data.cache import cached_arrays, cached_json, hash_files
 from rrscale.data.parquet import decode_images, read_parquet_split_keyed, split_files
 from rrscale.data.synthetic import make_synthetic
@@ -153,8 +156,17 @@ def _shard_dir(src: _Source) -> Path | None:
     return None
 
 
+def _array_file(src: _Source) -> bool:
+    return src.name not in _GENERATED and is_array_file(src.root)
+
+
 def _ssl_split(src: _Source) -> str:
-    """The split SSL trains on: STL-10's and any Parquet set's unlabelled images when present."""
+    """The split SSL trains on: STL-10's and any converted set's unlabelled images when present."""
+    if _array_file(src):
+        try:
+            return "unlabeled" if "unlabeled" in array_splits(src.root) else "train"
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{src.field}: cannot read '{src.root}': {_one_line(exc)}") from None
     if src.name == "stl10":
         return "unlabeled"
     shards = _shard_dir(src)
@@ -172,6 +184,17 @@ def _from_parquet(src: _Source, folder: Path, split: str) -> _Raw:
         raise DataError(f"{src.field}: no '{split}*.parquet' shards in '{folder}'") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{src.field}: cannot read split '{split}' in '{folder}': {_one_line(exc)}") from None
+    if src.name == "cifar100-20" and len(y) and y.max() >= 20:
+        y = _coarse(y)
+    return _Raw(x, y, _KNOWN_CLASSES.get(src.name) or _labels_to_classes(y), content)
+
+
+def _from_arrays(src: _Source, split: str) -> _Raw:
+    try:
+        x, y = read_array_split(src.root, split)
+        content = hash_files([src.root])
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{src.field}: cannot read split '{split}' of '{src.root}': {_one_line(exc)}") from None
     if src.name == "cifar100-20" and len(y) and y.max() >= 20:
         y = _coarse(y)
     return _Raw(x, y, _KNOWN_CLASSES.get(src.name) or _labels_to_classes(y), content)
@@ -280,11 +303,14 @@ def _generated(src: _Source, split: str) -> _Raw:
 def _read(src: _Source, split: str) -> _Raw:
     if split not in SPLITS:
         raise DataError(f"split: expected one of {', '.join(SPLITS)} (got '{split}')")
-    shards = None if src.name in _GENERATED or src.name == "imagefolder" else _shard_dir(src)
-    if split == "unlabeled" and src.name != "stl10" and shards is None:
+    arrays = _array_file(src)
+    shards = None if arrays or src.name in _GENERATED or src.name == "imagefolder" else _shard_dir(src)
+    if split == "unlabeled" and src.name != "stl10" and shards is None and not arrays:
         raise DataError(f"data.name: '{src.name}' has no unlabeled split")
     if src.name in _GENERATED:
         return _generated(src, split)
+    if arrays:
+        return _from_arrays(src, split)
     if src.name == "imagefolder":
         return _from_folder(src, split)
     if shards is not None:
@@ -292,7 +318,7 @@ def _read(src: _Source, split: str) -> _Raw:
     if src.name == "parquet":
         raise DataError(
             f"{src.field}: no Parquet shards at '{src.root}': expected train*.parquet and test*.parquet "
-            f"(columns image = PNG bytes, label), e.g. from 'rrscale data convert'"
+            f"(columns image = PNG bytes, label) or a .npz array file, e.g. from 'rrscale data convert'"
         )
     return _from_torchvision(src, split)
 

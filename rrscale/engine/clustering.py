@@ -3,7 +3,9 @@
 These are the evaluation numbers of GEDI (Sansone & Manhaeve, arXiv:2401.00873, docs/methods.md
 §2 "Evaluation"): NMI and ACC of the argmax cluster against the true labels, and AUROC of an
 in-distribution score (GEDI uses LSE(x)) against an out-of-distribution set. All functions are
-pure: arrays or tensors in, a float out; tensors may live on any device.
+pure: arrays or tensors in, a float out; tensors may live on any device. scipy is imported
+inside the two functions that use it: GEDI imports this module, and training must run where
+only torch and numpy are installed (benchmarks/gpu_suite.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import rankdata
 
 ArrayLike = np.ndarray | torch.Tensor | list[int] | list[float]
 MAPPINGS = ("hungarian", "majority")
@@ -87,6 +87,8 @@ def cluster_acc(
     """
     table = contingency(pred, labels)
     if mapping == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
         rows, cols = linear_sum_assignment(table, maximize=True)
         matched = int(table[rows, cols].sum())
     elif mapping == "majority":
@@ -111,6 +113,8 @@ def auroc(scores_in: ArrayLike, scores_out: ArrayLike) -> float:
     pooled = np.concatenate([s_in, s_out])
     if not np.isfinite(pooled).all():
         raise ValueError("auroc scores must be finite (got nan or inf)")
+    from scipy.stats import rankdata
+
     ranks = rankdata(pooled)
     n_in, n_out = s_in.size, s_out.size
     u = ranks[:n_in].sum() - n_in * (n_in + 1) / 2.0
