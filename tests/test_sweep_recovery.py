@@ -27,7 +27,6 @@ from tests.scale_fixtures import (
     RayEnv,
     _results,
     end_processes,
-    free_port,
     ray_env,  # noqa: F401  (fixture)
     sweep_yaml,
 )
