@@ -8,8 +8,8 @@ with nothing written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -121,36 +121,45 @@ def _default_out(cfg: Any) -> Path:
     return Path("runs") / f"{cfg.method.name}-{cfg.data.name}-{cfg.config_hash()}"
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from rrscale.config import ConfigError, load_config
-    from rrscale.data.sources import DataError, load_data
 
     try:
         cfg = load_config(args.file, args.overrides)
         workers = cfg.scaling.num_workers if args.workers is None else args.workers
         if workers < 0:
             raise ConfigError(f"--workers: expected an integer >= 0 (got {workers})")
-        data = load_data(cfg.data, seed=cfg.train.seed)  # on the driver: fails before anything starts
     except ConfigError as exc:
+        return _fail(str(exc))
+    from rrscale.data.sources import DataError, load_data
+    from rrscale.engine.checkpoint import CheckpointError
+    from rrscale.engine.rundir import RunDirError, check_writable, locked, write_json
+
+    out = args.out or _default_out(cfg)
+    try:
+        check_writable(out, "--out")
+        data = load_data(cfg.data, seed=cfg.train.seed)  # on the driver: fails before anything starts
+    except RunDirError as exc:
         return _fail(str(exc))
     except DataError as exc:
         return _fail(f"{args.file or '(defaults)'}: {exc}")
-    out = args.out or _default_out(cfg)
-    if args.fresh:
-        for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
-    if workers > 0:
-        from rrscale.scale.train import train_with_ray
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(out))
+            resumed = _prepare_run_dir(out, cfg, data, fresh=args.fresh)
+        except RunDirError as exc:
+            return _fail(str(exc))
+        except CheckpointError as exc:
+            return _fail(f"{out / 'checkpoint.pt'}: {exc}; use --fresh or another --out")
+        if workers > 0:
+            from rrscale.scale.train import train_with_ray
 
-        summary = train_with_ray(cfg, out_dir=out.resolve(), num_workers=workers)
-    else:
-        summary = _train_local(cfg, data, out)
+            summary = train_with_ray(cfg, out_dir=out.resolve(), num_workers=workers)
+        else:
+            summary = _train_local(cfg, data, out)
+        if resumed is not None:
+            summary["resumed"] = resumed
+        write_json(out / "summary.json", summary)
     if summary.get("status") != "ok":
         return _fail(f"training failed: {summary.get('error', 'unknown error')} (see {out}/summary.json)",
                      EXIT_TRAINING_FAILED)
@@ -158,18 +167,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_run_dir(out: Path, cfg: Any, data: Any, *, fresh: bool) -> dict[str, Any] | None:
+    """Under the run's lock: start over (``--fresh``) or check that OUT's checkpoint can continue
+    under ``cfg``; leave OUT consistent with that epoch. Returns what the resume keeps and changes.
+
+    Values that differ from the checkpoint's config (lr, epochs, ...) apply from the resumed
+    epoch on; they are printed and recorded as ``resumed`` in summary.json.
+    """
+    import torch
+
+    from rrscale.engine.checkpoint import CheckpointError, check_compatible, config_changes, load_checkpoint
+    from rrscale.engine.loop import sample_shape
+    from rrscale.engine.rundir import prepare_resume
+    from rrscale.methods import build_method
+
+    path = out / "checkpoint.pt"
+    if fresh:
+        for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    if not path.exists():
+        prepare_resume(out, 0)
+        return None
+    state = load_checkpoint(path)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = build_method(cfg, *sample_shape(data.train))
+    check_compatible(state, cfg, model, with_optimizer=True)
+    epoch = int(state["epoch"])
+    if epoch > cfg.train.epochs:
+        raise CheckpointError(f"is at epoch {epoch}, beyond train.epochs={cfg.train.epochs}")
+    prepare_resume(out, epoch)
+    changes = {k: [old, new] for k, (old, new) in config_changes(state["config"], cfg).items()}
+    shown = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in list(changes.items())[:6])
+    more = f" and {len(changes) - 6} more (see summary.json)" if len(changes) > 6 else ""
+    print(f"resuming {path} at epoch {epoch}" + (f"; from this config: {shown}{more}" if changes else ""),
+          file=sys.stderr)
+    return {"from_epoch": epoch, "changed": changes}
+
+
 def _train_local(cfg: Any, data: Any, out: Path) -> dict[str, Any]:
     from rrscale.engine.loop import LocalHooks, run_experiment
+    from rrscale.engine.rundir import write_json
     from rrscale.methods import TrainingDiverged
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    write_json(out / "config.json", cfg.model_dump(mode="json"))
     try:
-        summary = run_experiment(cfg, hooks=LocalHooks(out), out_dir=out, data=data)
+        return run_experiment(cfg, hooks=LocalHooks(out), out_dir=out, data=data)
     except TrainingDiverged as exc:
-        summary = {"status": "failed", "error": str(exc), "config_hash": cfg.config_hash()}
-    _write_json(out / "summary.json", summary)
-    return summary
+        return {"status": "failed", "error": str(exc), "config_hash": cfg.config_hash()}
 
 
 def _print_summary(summary: dict[str, Any], written: Path) -> None:
@@ -184,47 +229,59 @@ def _print_summary(summary: dict[str, Any], written: Path) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from rrscale.config import ConfigError, validate
+    import copy
+
+    import torch
+
+    from rrscale.config import ConfigError, parse_override, set_dotted, validate
     from rrscale.data.sources import DataError, load_data
-    from rrscale.engine.checkpoint import load_checkpoint
+    from rrscale.engine.checkpoint import CheckpointError, check_compatible, load_checkpoint
+    from rrscale.engine.loop import sample_shape
+    from rrscale.engine.rundir import RunDirError, check_writable, write_json
+    from rrscale.methods import build_method
 
+    expected = "expected a checkpoint.pt written by 'rrscale train'"
     if not args.checkpoint.is_file():
-        return _fail(f"{args.checkpoint}: (file): expected a checkpoint.pt written by 'rrscale train'")
+        return _fail(f"{args.checkpoint}: (file): {expected}")
+    out = args.out or args.checkpoint.parent
     try:
+        check_writable(out, "--out")
         state = load_checkpoint(args.checkpoint)
-        raw = state["config"]
-    except Exception as exc:  # a corrupt or foreign file: say so in one line
-        return _fail(f"{args.checkpoint}: (file): expected a checkpoint.pt written by 'rrscale train' "
-                     f"({type(exc).__name__})")
-    from rrscale.config import parse_override, set_dotted
-
+    except RunDirError as exc:
+        return _fail(str(exc))
+    except CheckpointError as exc:
+        return _fail(f"{args.checkpoint}: (file): {expected} ({exc})")
+    raw = copy.deepcopy(state["config"])
+    source = f"{args.checkpoint} with --set" if args.overrides else str(args.checkpoint)
     try:
         for text in args.overrides:
             key, value = parse_override(text)
             set_dotted(raw, key, value)
-        cfg = validate(raw, f"{args.checkpoint} with --set" if args.overrides else str(args.checkpoint))
+        cfg = validate(raw, source)
         data = load_data(cfg.data, seed=cfg.train.seed)
+        with torch.device("meta"):
+            check_compatible(state, cfg, build_method(cfg, *sample_shape(data.train)), with_optimizer=False)
     except ConfigError as exc:
         return _fail(str(exc))
     except DataError as exc:
         return _fail(f"{args.checkpoint}: {exc}")
+    except CheckpointError as exc:
+        return _fail(f"{source}: the checkpoint {exc}; the probe rebuilds the checkpoint's backbone and "
+                     f"method, so --set may not change their shapes")
     summary = probe_checkpoint(cfg, state, data)
-    out = args.out or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "probe.json", summary)
+    write_json(out / "probe.json", summary)
     _print_summary(summary, out / "probe.json")
     return 0
 
 
 def probe_checkpoint(cfg: Any, state: dict[str, Any], data: Any) -> dict[str, Any]:
     """Rebuild the method of a checkpoint and score it; the backbone must match the data's shape."""
-    from rrscale.engine.loop import describe_device, final_evaluation, pick_device
+    from rrscale.engine.loop import describe_device, final_evaluation, pick_device, sample_shape
     from rrscale.methods import build_method
 
     device = pick_device(cfg.train.device)
-    split = data.train
-    shape = (int(split.x.shape[-1]), None) if split.is_image else (None, int(split.x.shape[1]))
-    method = build_method(cfg, *shape)
+    method = build_method(cfg, *sample_shape(data.train))
     method.load_state_dict(state["model"])
     method.to(device)
     summary = {"epochs": int(state.get("epoch", 0)), "config_hash": cfg.config_hash(),

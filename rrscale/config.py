@@ -35,6 +35,12 @@ DATASET_NAMES = (
 BACKBONE_NAMES = ("conv4", "resnet8", "resnet32", "resnet56", "resnet18", "resnet34", "mlp")
 AGGREGATION_NAMES = ("cat", "sum", "mean", "max")
 DATA_ROOT_ENV = "RRSCALE_DATA_ROOT"
+# Bounds on what a config may hold. A real experiment file is a few KB and ~200 values; YAML
+# aliases can make 500 bytes expand into billions of values (a "billion laughs" bomb), which
+# validation or an error message would then build in memory. Checked before pydantic sees it.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
 VECTOR_DATASETS = ("moons", "circles")
 # The 2-D toy sets get their own defaults for every key the file leaves unset (and only those):
 # an MLP backbone, and for GEDI settings measured to train on two moons (c = 2048, tau = 0.1 and
@@ -52,7 +58,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -94,6 +100,9 @@ class RelationalConfig(_Section):
     head_depth: int = Field(1, ge=1)
     focal_gamma: float = Field(2.0, ge=0.0)
     focal_alpha: float | None = Field(0.5, ge=0.0, le=1.0)
+    # A healthy model's focal loss stays below chance level (0.087 with the defaults): an
+    # epoch mean 1000x above it only comes from exploding weights (train.lr=1000 gives ~6e6).
+    divergence_limit: float = Field(100.0, gt=0.0, description="epoch-mean |loss| that ends the run as diverged")
 
 
 class SGLDConfig(_Section):
@@ -180,7 +189,7 @@ class ScalingConfig(_Section):
 class SearchAxis(_Section):
     """One search dimension: exactly one of choice/uniform/loguniform/int, optionally gated."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
@@ -237,7 +246,10 @@ def brief(value: Any, limit: int = 80) -> str:
     short = reprlib.Repr()
     short.maxlevel, short.maxlist, short.maxdict, short.maxtuple = 2, 4, 4, 4
     short.maxstring = short.maxother = short.maxlong = limit
-    text = short.repr(value)
+    try:
+        text = short.repr(value)
+    except ValueError:  # an int beyond Python's 4,300-digit str() limit
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -421,7 +433,34 @@ def parse_override(text: str, source: str = "--set") -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except (ValueError, RecursionError) as exc:  # a 5,000-digit int, 1,000 nested brackets
+        raise ConfigError(f"{source}: {key}: expected a YAML value ({_yaml_refusal(exc)})") from None
     return key, value
+
+
+def _yaml_refusal(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0][:80]
+
+
+def oversized(data: Any, max_values: int = MAX_CONFIG_VALUES, max_depth: int = MAX_CONFIG_DEPTH) -> bool:
+    """True when ``data`` holds more than ``max_values`` values once shared references (YAML
+    aliases) are expanded, nests deeper than ``max_depth``, or contains itself (``&a [*a]``).
+
+    Counts as it walks and stops at the bound, so checking a bomb costs no more than checking
+    the largest acceptable input.
+    """
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > max_values or depth > max_depth:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for pair in node.items() for v in pair)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+    return False
 
 
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
@@ -466,6 +505,9 @@ def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
     """Validate a raw mapping; raise :class:`ConfigError` naming ``source`` on the first problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    if oversized(data):
+        raise ConfigError(f"{source}: (top level): expected at most {MAX_CONFIG_VALUES:,} values nested at most "
+                          f"{MAX_CONFIG_DEPTH} deep once YAML aliases are expanded, without self-reference")
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
@@ -477,7 +519,7 @@ def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
             hint = f"; expected one of: {', '.join(known)}" if known else ""
             raise ConfigError(f"{source}: {path}: unknown key{hint}") from None
         got = err.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) else f" (got {brief(got)})"
         raise ConfigError(f"{source}: {path}: expected {expected}{shown}") from None
     _check_search(cfg, source)
     return cfg
@@ -577,17 +619,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every I/O or syntax problem into one ConfigError line."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as fh:
+            blob = fh.read(MAX_CONFIG_BYTES + 1)
+        text = blob.decode()
     except FileNotFoundError:
         raise ConfigError(f"{p}: (file): expected a readable YAML file (not found)") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: (file): expected a readable YAML file ({type(exc).__name__})") from None
+    if len(blob) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: (file): expected a YAML file of at most {MAX_CONFIG_BYTES >> 10} KiB")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}: (file): expected valid YAML{where}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{p}: (file): expected valid YAML ({_yaml_refusal(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

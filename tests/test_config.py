@@ -36,6 +36,13 @@ BAD_INPUTS = [
     ("- a\n- b\n", [], "(top level)"),
     ("backbone: {stem: tiny}\n", [], "backbone.stem"),
     ("method: {name: gedi, K: 3}\n", [], "method.K"),
+    ("train: {lr: .inf}\n", [], "train.lr"),
+    ("search: {train.lr: {choice: [.inf]}}\n", [], "search.train.lr"),
+    ("train: {epochs: " + "1" * 5000 + "}\n", [], "(file)"),
+    ("train: {epochs: " + "[" * 5000 + "]" * 5000 + "}\n", [], "(file)"),
+    ("train: {epochs: " + "[" * 40 + "]" * 40 + "}\n", [], "(top level)"),
+    ("search: {train.lr: &a {choice: [*a]}}\n", [], "(top level)"),
+    ("# padding" + "." * (1 << 20) + "\n", [], "(file)"),
 ]
 
 

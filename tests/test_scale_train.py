@@ -41,7 +41,7 @@ def test_two_workers_summary_matches_local_and_a_killed_worker_resumes(ray_env: 
     assert summary["status"] == "ok" and summary["epochs"] == 3 and summary["workers"] == 2
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
     seen = _epochs(out / "metrics.jsonl")
-    assert seen.count(1) == 1 and seen[-1] == 3 and set(seen) == {1, 2, 3}, seen  # resumed, not restarted
+    assert seen == [1, 2, 3], seen  # resumed, not restarted; epochs redone after the restart replace their lines
     assert [w["rank"] for w in summary["worker_nodes"]] == [0, 1]
     assert (out / "checkpoint.pt").exists() and (out / "config.json").exists()
     assert 0.0 <= summary["probe_top1"] <= 1.0

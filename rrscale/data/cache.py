@@ -89,7 +89,8 @@ def cached_arrays(
     """
     final = _entry(content, split)
     try:
-        return np.load(final / "x.npy"), np.load(final / "y.npy")
+        # Plain arrays only: an object array in a planted .npy would be a pickle.
+        return np.load(final / "x.npy", allow_pickle=False), np.load(final / "y.npy", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         _discard(final)
     x, y = build()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from rrscale.data.arrays import is_array_file, write_arrays
 from rrscale.data.cache import cached_arrays, file_sha256, hash_files
@@ -73,8 +73,10 @@ def decode_images(
     def load(i: int) -> Image.Image:
         try:
             return _rgb(blobs[i])
-        except OSError as exc:
-            raise ValueError(f"{names[i] if names else f'image {i}'}: {exc}") from None
+        except (OSError, Image.DecompressionBombError) as exc:
+            # Pillow's own text names the in-memory buffer (<_io.BytesIO object at 0x...>), not the file.
+            why = "not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
+            raise ValueError(f"{names[i] if names else f'image {i}'}: {why}") from None
 
     width, height = load(0).size
     out = np.empty((len(blobs), height, width, 3), dtype=np.uint8)
@@ -94,12 +96,18 @@ def decode_images(
 
 
 def _read_table(path: Path) -> pa.Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(path).names
-    missing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c not in names]
+    schema = pq.read_schema(path)
+    missing = [c for c in (IMAGE_COLUMN, LABEL_COLUMN) if c not in schema.names]
     if missing:
-        raise ValueError(f"'{path}' has no column {', '.join(missing)} (columns: {', '.join(names)})")
+        raise ValueError(f"'{path}' has no column {', '.join(missing)} (columns: {', '.join(schema.names)})")
+    image, label = schema.field(IMAGE_COLUMN).type, schema.field(LABEL_COLUMN).type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image) or pa.types.is_fixed_size_binary(image)):
+        raise ValueError(f"'{path}' column '{IMAGE_COLUMN}' is {image}; expected binary (encoded PNG/JPEG bytes)")
+    if not pa.types.is_integer(label):
+        raise ValueError(f"'{path}' column '{LABEL_COLUMN}' is {label}; expected integer classes (-1 = unlabelled)")
     return pq.read_table(path, columns=[IMAGE_COLUMN, LABEL_COLUMN])
 
 

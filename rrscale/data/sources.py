@@ -183,10 +183,25 @@ def _from_parquet(src: _Source, folder: Path, split: str) -> _Raw:
     except FileNotFoundError:
         raise DataError(f"{src.field}: no '{split}*.parquet' shards in '{folder}'") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{src.field}: cannot read split '{split}' in '{folder}': {_one_line(exc)}") from None
+        raise DataError(f"{src.field}: cannot read split '{split}' in '{folder}': {_one_line(exc, 240)}") from None
     if src.name == "cifar100-20" and len(y) and y.max() >= 20:
+        _check_labels(src, folder, split, y, len(CIFAR100_COARSE))  # fine labels, mapped next
         y = _coarse(y)
     return _Raw(x, y, _KNOWN_CLASSES.get(src.name) or _labels_to_classes(y), content)
+
+
+def _check_labels(src: _Source, where: Path, split: str, y: np.ndarray, num_classes: int) -> None:
+    """Labels must be classes ``0..num_classes-1`` or -1 (unlabelled): anything else would be
+    scored as a wrong answer, or crash the kNN after the first epoch."""
+    if not len(y):
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < -1:
+        raise DataError(f"{src.field}: split '{split}' in '{where}' has label {low}; expected classes "
+                        f"0..{max(num_classes - 1, 0)}, or -1 for unlabelled images")
+    if high >= num_classes:
+        raise DataError(f"{src.field}: split '{split}' in '{where}' has label {high}, but {src.name} has "
+                        f"{num_classes} classes (0..{num_classes - 1}); use data.name=parquet for other label sets")
 
 
 def _from_arrays(src: _Source, split: str) -> _Raw:
@@ -196,6 +211,7 @@ def _from_arrays(src: _Source, split: str) -> _Raw:
     except (OSError, ValueError) as exc:
         raise DataError(f"{src.field}: cannot read split '{split}' of '{src.root}': {_one_line(exc)}") from None
     if src.name == "cifar100-20" and len(y) and y.max() >= 20:
+        _check_labels(src, src.root, split, y, len(CIFAR100_COARSE))  # fine labels, mapped next
         y = _coarse(y)
     return _Raw(x, y, _KNOWN_CLASSES.get(src.name) or _labels_to_classes(y), content)
 
@@ -253,6 +269,9 @@ def _folder_images(src: _Source, split: str) -> tuple[list[Path], list[int], int
             f"{src.field}: no image folder at '{src.root}': expected '{train_dir}/<class>/<image>' "
             f"and '{src.root / 'test'}/<class>/<image>'"
         )
+    if len(classes) < 2:
+        raise DataError(f"{src.field}: '{train_dir}' has one class folder ({classes[0]}); expected at least 2 "
+                        f"(the linear probe and kNN score class labels)")
     unknown = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in classes)
     if unknown:
         raise DataError(f"{src.field}: '{split_dir}' has classes missing from train: {', '.join(unknown)}")
@@ -309,12 +328,12 @@ def _read(src: _Source, split: str) -> _Raw:
         raise DataError(f"data.name: '{src.name}' has no unlabeled split")
     if src.name in _GENERATED:
         return _generated(src, split)
-    if arrays:
-        return _from_arrays(src, split)
+    if arrays or shards is not None:
+        raw = _from_arrays(src, split) if arrays else _from_parquet(src, shards, split)
+        _check_labels(src, src.root if arrays else shards, split, raw.y, raw.num_classes)
+        return raw
     if src.name == "imagefolder":
         return _from_folder(src, split)
-    if shards is not None:
-        return _from_parquet(src, shards, split)
     if src.name == "parquet":
         raise DataError(
             f"{src.field}: no Parquet shards at '{src.root}': expected train*.parquet and test*.parquet "
@@ -400,6 +419,9 @@ def _labelled(src: _Source, train: _Raw, stats: Stats) -> tuple[Split, Split, li
     """Probe train/test splits with one class count, plus their (name, content) for the fingerprint."""
     test = _read(src, "test")
     classes = max(train.num_classes, test.num_classes)
+    if classes < 2 and (train.y >= 0).any():
+        raise DataError(f"{src.field}: '{src.root}' has labels of one class; expected at least 2 classes "
+                        f"(the linear probe and kNN score them), or -1 everywhere for unlabelled data")
     pair = _split(src, "train", train, classes, stats), _split(src, "test", test, classes, stats)
     return pair[0], pair[1], [(pair[0].name, train.content), (pair[1].name, test.content)]
 

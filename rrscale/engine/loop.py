@@ -9,7 +9,6 @@ batch in one batched pass and calls the method.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
@@ -29,7 +28,8 @@ from rrscale.data.views import build_views, to_model_input
 from rrscale.engine import dist
 from rrscale.engine.checkpoint import load_checkpoint, save_checkpoint
 from rrscale.engine.evaluate import extract_features, knn_top1, linear_probe
-from rrscale.methods import build_method
+from rrscale.engine.rundir import append_metrics
+from rrscale.methods import TrainingDiverged, build_method
 
 
 class Hooks(Protocol):
@@ -45,6 +45,7 @@ class LocalHooks:
 
     def __init__(self, out_dir: Path | None) -> None:
         self.out_dir = out_dir
+        self._appended = False
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -56,8 +57,8 @@ class LocalHooks:
         if self.out_dir is None or not dist.is_main():
             return
         if not final:
-            with open(self.out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            append_metrics(self.out_dir, metrics, first=not self._appended)
+            self._appended = True
         if state is not None and self.checkpoint_path is not None:
             save_checkpoint(state, self.checkpoint_path)
 
@@ -102,7 +103,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(inner, "_orig_mod", inner)
 
 
-def _sample_shape(split: Split) -> tuple[int | None, int | None]:
+def sample_shape(split: Split) -> tuple[int | None, int | None]:
     """(in_channels, input_dim) for the method builder."""
     return (int(split.x.shape[-1]), None) if split.is_image else (None, int(split.x.shape[1]))
 
@@ -112,6 +113,54 @@ def _make_optimizer(cfg: ExperimentConfig, params: Any) -> torch.optim.Optimizer
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _make_scheduler(
+    cfg: ExperimentConfig, optimizer: torch.optim.Optimizer, total_steps: int, done_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Cosine decay to 0 over ``total_steps``, as a closed form of the step count.
+
+    A closed form (not the recursive CosineAnnealingLR) lets a resumed run continue from
+    ``done_steps`` with this config's lr and horizon, which may differ from the checkpoint's.
+    """
+    if cfg.train.schedule != "cosine":
+        return None
+    horizon = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, horizon) / horizon))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if done_steps:
+        scheduler.last_epoch = done_steps
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor(done_steps)
+    return scheduler
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Moments and step counts from a checkpoint, hyperparameters (lr, weight decay, momentum) from
+    the config the optimizer was built with: a resumed run trains with the config it was given."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, mine in zip(optimizer.param_groups, settings):
+        params = group["params"]
+        group.clear()
+        group.update(mine, params=params)
+
+
+def check_diverged(metrics: dict[str, Any], limit: float, epoch: int) -> None:
+    """Raise TrainingDiverged when an epoch's mean loss is non-finite or beyond ``limit``, or any
+    of its metrics is non-finite. Reads the epoch means the loop computes anyway: no extra sync."""
+    loss = metrics.get("loss", 0.0)
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad and abs(loss) <= limit:
+        return
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch_seconds")
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch}: loss non-finite or beyond method.divergence_limit={limit:g} "
+        f"({shown}); try a smaller train.lr"
+    )
 
 
 def _subset(split: Split, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +239,7 @@ def fit(
     rank, world = dist.rank(), dist.world_size()
     seed_everything(t.seed + rank)
     train = data.train
-    in_channels, input_dim = _sample_shape(train)
+    in_channels, input_dim = sample_shape(train)
     method = build_method(cfg, in_channels, input_dim).to(device)
     symmetric = bool(getattr(method, "symmetric_input", False))
     k = int(method.views_per_image)
@@ -206,20 +255,15 @@ def fit(
     steps = math.ceil(shard / t.batch_size)
     if t.steps_per_epoch:
         steps = min(steps, t.steps_per_epoch)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps * t.epochs))
-        if t.schedule == "cosine"
-        else None
-    )
 
-    start_epoch, history = 0, []
+    start_epoch, history, done_steps = 0, [], 0
     state = hooks.load_state()
     if state is not None:
         method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
+        _load_optimizer_state(optimizer, state["optimizer"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        done_steps = int((state.get("scheduler") or {}).get("last_epoch", start_epoch * steps))
+    scheduler = _make_scheduler(cfg, optimizer, steps * t.epochs, done_steps)
 
     model: nn.Module = method
     if dist.is_distributed():
@@ -272,6 +316,7 @@ def fit(
             epoch_metrics.update({m: float(totals[i + 1] / max(images, 1)) for i, m in enumerate(names)})
             epoch_metrics["images_per_s"] = images / max(seconds, 1e-9)
             epoch_metrics["epoch_seconds"] = seconds
+            check_diverged(epoch_metrics, cfg.method.divergence_limit, epoch + 1)
             train_seconds += seconds
             images_seen += images
             if knn_every and dist.is_main() and ((epoch + 1) % knn_every == 0 or epoch + 1 == t.epochs):
