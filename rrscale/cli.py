@@ -80,10 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name "
                     "(FILE may then be the sweep folder: it keeps the resolved experiment)")
 
-    ru = sub.add_parser("runs", help="rank the trials of a sweep from MLflow; plots and an HTML report",
+    ru = sub.add_parser("runs", help="list the sweeps of an experiment, rank the trials of one; plots, HTML report",
+                        description="List every sweep of EXPERIMENT (name, start, trials, best) and rank the "
+                        "trials of the latest one, or of --sweep NAME, from MLflow.",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="examples:\n  rrscale runs\n  rrscale runs quickstart --plots plots/ --report sweep.html")
+                        epilog="examples:\n  rrscale runs\n  rrscale runs quickstart --sweep quickstart-lr\n"
+                        "  rrscale runs quickstart --plots plots/ --report sweep.html")
     ru.add_argument("experiment", nargs="?", help="MLflow experiment name (default: the most recent)")
+    ru.add_argument("--sweep", default="", help="sweep name or parent run id (default: the latest; "
+                    "'all': every sweep's trials together)")
     ru.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                     "or sqlite:///mlflow.db)")
     ru.add_argument("--plots", type=Path, help="write PNG plots into this folder")
@@ -316,10 +321,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from rrscale.tracking.compare import main as runs_main
+    from rrscale.tracking.runs import main as runs_main
 
     return runs_main(args.experiment, tracking_uri=args.tracking_uri, plots=args.plots, report=args.report,
-                     top=args.top)
+                     top=args.top, sweep=args.sweep)
 
 
 def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from rrscale.cli import main
+from rrscale.tracking.naming import short_number
 from tests.scale_fixtures import (
     TINY,
     RayEnv,
@@ -166,12 +167,43 @@ def test_four_trial_sweep_optuna_proposes_and_every_trial_reports_probe_top1(ray
         assert final["final"] is True and final["metric_source"] == "probe_top1"
         assert 0.0 <= final["probe_top1"] <= 1.0 and final["epochs"] == TINY["train"]["epochs"]
     assert by_value == sorted(r["probe_top1"] for r in rows)
+    # Optuna names the objective, and each trial leads to its Tune trial and MLflow run
+    assert study.metric_names == ["probe_top1"]
+    assert {t.user_attrs["tune_trial_id"] for t in study.trials} == {r["trial_id"] for r in rows}
     if mlflow_available():
+        import mlflow
+
         parents, children = _children(ray_env)
         assert len(parents) == 1 and len(children) == 4
-        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+        parent = parents[0]
+        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
         assert {c.data.tags["rrscale.trial_id"] for c in children} == {r["trial_id"] for r in rows}
         assert all("probe_top1" in c.data.metrics and c.info.status == "FINISHED" for c in children)
+        by_run = {c.info.run_id: c for c in children}
+        assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == set(by_run)
+        for t in study.trials:
+            child = by_run[t.user_attrs["mlflow_run_id"]]
+            trial_id = t.user_attrs["tune_trial_id"]
+            assert child.data.tags["rrscale.trial_id"] == trial_id
+            k, agg, lr = t.params["method.K"], t.params["method.aggregation"], short_number(t.params["train.lr"])
+            assert child.info.run_name == f"K{k}-lr{lr}-{agg} · {trial_id}"  # sampled values, YAML order
+            note = child.data.tags["mlflow.note.content"]
+            assert note.startswith(f"K={k}, lr={lr}, aggregation={agg} — finished 2 epochs: probe_top1 0.")
+            assert child.data.tags["rrscale.status"] == "finished"
+            assert child.data.metrics["probe_top1"] == t.value  # the same plain float everywhere
+            assert repr(t.value) == repr(round(t.value, 6))  # a count over the test set, no float32 noise
+            assert "epoch/knn_top1" in child.data.metrics and "epoch" not in child.data.metrics
+            assert "gpu_seconds" not in str(child.data.metrics) and "cost/cpu_seconds" in child.data.metrics
+            datasets = child.inputs.dataset_inputs
+            assert [d.dataset.name for d in datasets] == ["synthetic"] and datasets[0].dataset.digest
+        assert parent.data.params["search.method.K"] == "choice[2, 3]" and "method.K" not in parent.data.params
+        client = mlflow.tracking.MlflowClient(ray_env.tracking_uri)
+        parent = client.get_run(parent.info.run_id)
+        assert parent.data.tags["rrscale.optuna_storage"].endswith("four/optuna.db")
+        assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["synthetic"]
+        assert {"report.html", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        view = client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.rrscale-four"]
+        assert json.loads(view)["columnOrder"][1] == "metrics.`probe_top1`"
 
 
 @pytest.mark.timeout(300, method="thread")
@@ -197,8 +229,10 @@ def test_asha_stops_a_poor_trial_early_and_optuna_hears_pruned(ray_env: RayEnv) 
         _, children = _children(ray_env)
         by_trial = {c.data.tags["rrscale.trial_id"]: c for c in children}
         for r in stopped:  # MLflow never shows the kNN stand-in under probe_top1
-            assert by_trial[r["trial_id"]].info.status == "KILLED"
-            assert "probe_top1" not in by_trial[r["trial_id"]].data.metrics
+            run = by_trial[r["trial_id"]]
+            assert run.info.status == "FINISHED" and run.data.tags["rrscale.status"] == "stopped early"
+            assert "probe_top1" not in run.data.metrics
+            assert "stopped early by ASHA after epoch" in run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

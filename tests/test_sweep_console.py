@@ -92,7 +92,8 @@ def test_sampled_text_is_short_and_readable() -> None:
 def test_printed_commands_round_trip_every_value_through_the_shell() -> None:
     best = {"method.K": 4, "method.aggregation": "cat", "train.lr": 1e-05, "train.momentum": 0.000812345678901,
             "data.name": "two words", "train.amp": False}
-    lines = progress.next_steps(experiment="my exp", tracking_uri="sqlite:////tmp/a b/mlflow.db", experiment_id="3",
+    lines = progress.next_steps(experiment="my exp", sweep="s 1", tracking_uri="sqlite:////tmp/a b/mlflow.db",
+                                ui_url="http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning",
                                 experiment_file=Path("/tmp/a b/experiment.yaml"), best=best,
                                 resume="rrscale tune --resume '/tmp/a b'")
     alone = next(ln for ln in lines if "run the best alone" in ln).split(":", 1)[1].strip()
@@ -101,10 +102,12 @@ def test_printed_commands_round_trip_every_value_through_the_shell() -> None:
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert dict(parse_override(s) for s in sets) == best  # same values, same types
     runs = next(ln for ln in lines if "compare the trials" in ln).split(":", 1)[1].strip()
-    assert shlex.split(runs) == ["rrscale", "runs", "my exp", "--tracking-uri", "sqlite:////tmp/a b/mlflow.db"]
-    assert any("#/experiments/3/runs" in ln for ln in lines)
-    assert not any("continue" in ln for ln in progress.next_steps(
-        experiment="e", tracking_uri="", experiment_id="", experiment_file="x", best=None, resume=""))
+    assert shlex.split(runs) == ["rrscale", "runs", "my exp", "--sweep", "s 1", "--tracking-uri",
+                                 "sqlite:////tmp/a b/mlflow.db"]
+    ui = next(ln for ln in lines if "MLflow UI" in ln)
+    assert "mlflow ui --backend-store-uri 'sqlite:////tmp/a b/mlflow.db'" in ui and "#/experiments/3/runs" in ui
+    assert not any("continue" in ln or "MLflow" in ln for ln in progress.next_steps(
+        experiment="e", sweep="s", tracking_uri="", ui_url="", experiment_file="x", best=None, resume=""))
 
 
 def test_resolved_experiment_file_reloads_to_the_same_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,10 +38,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_mlflow_server(root: Path,
-                        timeout_s: float = SERVER_START_TIMEOUT_S) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(root: Path, timeout_s: float = SERVER_START_TIMEOUT_S,
+                        backend: str = "") -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` (sqlite backend, proxied artifacts, one uvicorn worker) under
-    ``root`` and wait (bounded) until ``/health`` answers. Returns the process and its URI."""
+    ``root`` and wait (bounded) until ``/health`` answers. Returns the process and its URI.
+    ``backend``: an existing store to serve (default: a new ``root/server.db``)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -50,7 +51,7 @@ def start_mlflow_server(root: Path,
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--backend-store-uri", backend or f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", str(root / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,

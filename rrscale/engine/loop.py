@@ -29,6 +29,7 @@ from rrscale.engine import dist
 from rrscale.engine.checkpoint import load_checkpoint, save_checkpoint
 from rrscale.engine.evaluate import extract_features, knn_top1, linear_probe
 from rrscale.engine.rundir import append_metrics
+from rrscale.floats import plain_float
 from rrscale.methods import TrainingDiverged, build_method
 
 
@@ -313,7 +314,9 @@ def fit(
             totals = dist.sum_across(torch.stack([count, *(sums[m] for m in names)]))
             images = int(totals[0].item())
             epoch_metrics: dict[str, Any] = {"epoch": epoch + 1}
-            epoch_metrics.update({m: float(totals[i + 1] / max(images, 1)) for i, m in enumerate(names)})
+            if epoch == start_epoch:  # trackers name the dataset before a trial ends (or is stopped)
+                epoch_metrics["data_fingerprint"] = data.fingerprint
+            epoch_metrics.update({m: plain_float(totals[i + 1] / max(images, 1)) for i, m in enumerate(names)})
             epoch_metrics["images_per_s"] = images / max(seconds, 1e-9)
             epoch_metrics["epoch_seconds"] = seconds
             check_diverged(epoch_metrics, cfg.method.divergence_limit, epoch + 1)
@@ -369,7 +372,7 @@ def final_evaluation(
     x_test = to_model_input(data.probe_test.x.to(device), norm.mean, norm.std, symmetric=symmetric)
     extras = method.extra_evaluation(x_test, data.probe_test.y.to(device), out_dir)
     method.train(was_training)
-    out.update({k: float(v) for k, v in extras.items()})
+    out.update({k: plain_float(v) for k, v in extras.items()})
     return out
 
 

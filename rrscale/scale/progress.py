@@ -264,9 +264,11 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def next_steps(*, experiment: str, tracking_uri: str, experiment_id: str, experiment_file: Any,
+def next_steps(*, experiment: str, sweep: str, tracking_uri: str, ui_url: str, experiment_file: Any,
                best: dict[str, Any] | None, resume: str) -> list[str]:
-    """What to run after a sweep, each line a command that works pasted into a new shell."""
+    """What to run after a sweep, each line a command that works pasted into a new shell.
+    ``tracking_uri`` is ``""`` when the sweep ran untracked; ``ui_url`` is the MLflow UI's page
+    of the sweep (:func:`rrscale.tracking.links.comparison_url`)."""
     import shlex
 
     from rrscale.scale.sweep_dir import set_args
@@ -275,14 +277,13 @@ def next_steps(*, experiment: str, tracking_uri: str, experiment_id: str, experi
     if resume:
         lines.append(f"  continue the sweep:  {resume}")
     if tracking_uri:
-        uri = shlex.quote(tracking_uri)
-        lines.append(f"  compare the trials:  rrscale runs {shlex.quote(experiment)} --tracking-uri {uri}")
-        page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ""
+        lines.append(f"  compare the trials:  rrscale runs {shlex.quote(experiment)} --sweep {shlex.quote(sweep)} "
+                     f"--tracking-uri {shlex.quote(tracking_uri)}")
         if tracking_uri.startswith(("http://", "https://")):
-            lines.append(f"  MLflow UI:           {tracking_uri.rstrip('/')}/{page}")
+            lines.append(f"  MLflow UI:           {ui_url or tracking_uri}")
         else:
-            lines.append(f"  MLflow UI:           mlflow ui --backend-store-uri {uri}   "
-                         f"(then open http://127.0.0.1:5000/{page})")
+            then = f"   (then open {ui_url})" if ui_url else ""
+            lines.append(f"  MLflow UI:           mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}{then}")
     if best is not None:
         lines.append(f"  run the best alone:  rrscale train {shlex.quote(str(experiment_file))} {set_args(best)}")
     return lines

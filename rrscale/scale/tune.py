@@ -44,9 +44,12 @@ How a sweep runs
   (:mod:`rrscale.scale.cluster`) and share a new ``mlflow.db`` safely (its tables are created
   under a lock, :mod:`rrscale.tracking.mlflow`).
 * Tracking: :class:`SweepTracker` (a Tune callback on the driver) calls
-  :mod:`rrscale.tracking.mlflow`: one parent run per sweep, a child run per trial; trials cut
-  short by Ctrl-C end "interrupted". The console shows :mod:`rrscale.scale.progress`'s live view
-  instead of Tune's tables, then the trials and the commands to run next.
+  :mod:`rrscale.tracking.mlflow`: one parent run per sweep (its params: the search space), a
+  child run per trial named by what was sampled; :class:`RRSearch` names the Optuna objective
+  and tags each Optuna trial with its Tune trial id, the tracker adds its MLflow run id. When
+  the sweep ends, :func:`rrscale.tracking.report.attach_report` attaches the report and plots.
+  Trials cut short by Ctrl-C end "interrupted". The console shows :mod:`rrscale.scale.progress`'s
+  live view instead of Tune's tables, then the trials and the commands to run next.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rrscale.config import ConfigError, ExperimentConfig
 from rrscale.scale import space, sweep_dir, trial_record
+from rrscale.tracking.naming import STOPPED_EARLY
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -88,6 +92,9 @@ AT_END_BY_METHOD: dict[str, dict[str, str]] = {
 TRIAL_DRIVER_CPU = 0.0
 TRIAL_DRIVER_MEMORY = 256 * 2**20
 STATE_FILE = "rrscale-sweep.json"
+#: Optuna trial user attrs that lead from a study to Tune and MLflow.
+OPTUNA_TUNE_ATTR = "tune_trial_id"
+OPTUNA_RUN_ATTR = "mlflow_run_id"
 TRIAL_MODES = ("auto", "inprocess", "trainer")
 TUNE_KEYS = {
     "timestamp", "pid", "time_this_iter_s", "time_total_s", "training_iteration", "iterations_since_restore",
@@ -325,6 +332,13 @@ class RRSearch(OptunaSearch):
         self.trial_root = trial_root
         self._orphans: list[int] = []
 
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        if self._metric:  # Optuna's dashboard then says "probe_top1", not "Objective 0"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._ot_study.set_metric_names([self._metric])
+
     def restore(self, checkpoint_path: str) -> None:
         """Ray's restore, then: trials Optuna already saw end are not told again (telling a
         finished Optuna trial raises), and Optuna trials asked for after the snapshot, whose Tune
@@ -346,13 +360,25 @@ class RRSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         import optuna
 
-        if trial_id not in self._ot_trials and self._orphans:
+        if trial_id not in self._ot_trials and getattr(self, "_orphans", None):
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:  # so an Optuna trial can be traced to its Tune trial (and MLflow run)
+            ot_trial.set_user_attr(OPTUNA_TUNE_ATTR, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials:  # a re-reported ending after a resume
+        import optuna
+
+        if trial_id in self._completed_trials:  # a re-reported ending after a resume
+            return
+        try:
             super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Optuna heard this trial finish, but the driver died before Tune saved that: on
+            # --resume the trial re-reports its stored final numbers. Optuna keeps its value.
+            self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self.trial_root:
@@ -381,30 +407,51 @@ def close_lost_optuna_trials(db: Path, study_name: str) -> int:
     return len(lost)
 
 
+def link_optuna_trial(storage: Any, study_name: str, trial_id: str, attrs: dict[str, str]) -> None:
+    """Add user attrs (e.g. the MLflow run id) to the running Optuna trial that
+    :class:`RRSearch` tagged with Tune ``trial_id`` (``storage``: an Optuna storage); a no-op
+    when there is none."""
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study_name)
+    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+        if frozen.user_attrs.get(OPTUNA_TUNE_ATTR) == trial_id:
+            number = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(number, key, value)
+
+
 class SweepTracker(Callback):
     """Tune callback on the driver: ``start_trial`` / ``log_epoch`` / ``end_trial`` of
-    :mod:`rrscale.tracking.mlflow` for every trial.
+    :mod:`rrscale.tracking.mlflow` for every trial, with the names, descriptions, outcome words
+    and dataset inputs of :mod:`rrscale.tracking.naming`.
 
     Plain attributes only: Tune pickles it with the Tuner. The parent run id is read from the
     sweep's state file at ``setup`` (so a restored Tuner uses the run that ``start_sweep``
-    found again), and the trial -> run map is part of Tune's callback state.
+    found again), and the trial -> run map is part of Tune's callback state. ``stop_epochs``:
+    where the scheduler can stop a trial (:func:`asha_stop_epochs`); a trial that ends
+    unfinished elsewhere was interrupted, not stopped early.
     """
 
     def __init__(self, state_file: str, base: dict[str, Any], cpus: float, gpus: float, mode: str,
-                 metric: str) -> None:
+                 metric: str, stop_epochs: tuple[int, ...] = ()) -> None:
         self.state_file = state_file
         self.metric = metric
         self.base = base
         self.cpus = cpus
         self.gpus = gpus
         self.mode = mode
+        self.stop_epochs = tuple(stop_epochs)
         self.parent = ""
         self.uri = ""
+        self.name = ""
         self.runs: dict[str, str] = {}
         self.started_at: dict[str, float] = {}
         self.startup: dict[str, float] = {}
         self.ended: set[str] = set()
         self.checkpoints: dict[str, str] = {}
+        self.datasets: dict[str, dict[str, Any]] = {}
+        self.logged_datasets: set[str] = set()
         self.strays_closed = False
 
     def _load(self) -> None:
@@ -414,24 +461,85 @@ class SweepTracker(Callback):
             return
         self.parent = state.get("parent_run_id", "")
         self.uri = state.get("tracking_uri", "")
+        self.name = state.get("name", "")
+
+    @property
+    def optuna_storage(self) -> str:
+        return f"sqlite:///{Path(self.state_file).parent / 'optuna.db'}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_study_storage", None)  # an open database connection does not travel with the Tuner
+        return state
+
+    def _link_optuna(self, trial_id: str, run: str) -> None:
+        """The Optuna trial of ``trial_id`` gets the MLflow run id (one storage for the sweep:
+        opening one costs ~0.4 s of the driver's time)."""
+        import optuna
+
+        try:
+            if getattr(self, "_study_storage", None) is None:
+                self._study_storage = optuna.storages.RDBStorage(self.optuna_storage)
+            link_optuna_trial(self._study_storage, self.name, trial_id, {OPTUNA_RUN_ATTR: run})
+        except Exception as exc:  # noqa: BLE001 - the link is a convenience
+            warnings.warn(f"could not link the Optuna trial of {trial_id} to MLflow run {run}: {exc}",
+                          stacklevel=1)
+
+    def _describe_parent(self) -> None:
+        """Where the report finds the Optuna study, and the experiment's comparison view."""
+        from rrscale.tracking import links
+        from rrscale.tracking import mlflow as tracking
+
+        tracking.set_tags(self.parent, {links.OPTUNA_STORAGE_TAG: self.optuna_storage,
+                                        links.OPTUNA_STUDY_TAG: self.name or Path(self.state_file).parent.name,
+                                        links.SWEEP_DIR_TAG: str(Path(self.state_file).parent)},
+                          tracking_uri=self.uri or None)
+        links.publish_comparison_view(self.parent, self.uri)
 
     def trial_start(self, trial: Any) -> None:
         from rrscale.tracking import mlflow as tracking
+        from rrscale.tracking import naming
 
         self.started_at[trial.trial_id] = time.time()
         self.ended.discard(trial.trial_id)
         if not self.parent:
             self._load()
+        sampled = dict(trial.config)
         try:
-            exp = space.trial_config(self.base, dict(trial.config), source=f"trial {trial.trial_id}")
+            exp = space.trial_config(self.base, sampled, source=f"trial {trial.trial_id}")
             params = exp.model_dump(mode="json", exclude={"search", "tune", "mlflow"})
             tags = {"rrscale.config_hash": exp.config_hash(), "rrscale.seed": exp.train.seed,
                     "rrscale.method": exp.method.name, "rrscale.dataset": exp.data.name,
-                    "rrscale.trial_mode": self.mode, "rrscale.sampled": json.dumps(dict(trial.config), default=str)}
+                    "rrscale.trial_mode": self.mode, "rrscale.sampled": json.dumps(sampled, default=str)}
+            data = exp.data
+            name = data.name + (f" ({data.fraction:.0%})" if data.fraction < 1 else "")
+            self.datasets[trial.trial_id] = {
+                "name": name, "source": data.root or ("generated" if data.name in ("synthetic", "toy") else
+                                                      "torchvision download"),
+                "profile": {"fraction": data.fraction, "probe": data.probe_name or data.name},
+                "epochs": exp.train.epochs}
         except Exception as exc:  # tracking never kills training
-            params, tags = dict(trial.config), {"rrscale.tracking_note": f"config: {exc}"}
-        self.runs[trial.trial_id] = tracking.start_trial(self.parent, trial.trial_id, params, tags,
-                                                         tracking_uri=self.uri or None)
+            params, tags = sampled, {"rrscale.tracking_note": f"config: {exc}"}
+        run = tracking.start_trial(self.parent, trial.trial_id, params, tags,
+                                   run_name=naming.run_name(sampled, trial.trial_id),
+                                   description=naming.describe_trial(sampled, naming.RUNNING),
+                                   tracking_uri=self.uri or None)
+        self.runs[trial.trial_id] = run
+        if run:
+            self._link_optuna(trial.trial_id, run)
+
+    def _log_dataset(self, trial_id: str, fingerprint: str) -> None:
+        from rrscale.tracking import mlflow as tracking
+
+        info = self.datasets.get(trial_id)
+        if info is None:
+            return
+        for run in (self.runs.get(trial_id, ""), self.parent):
+            key = f"{run}:{fingerprint}"
+            if run and key not in self.logged_datasets:
+                tracking.log_dataset(run, info["name"], fingerprint, info["source"], profile=info["profile"],
+                                     tracking_uri=self.uri or None)
+                self.logged_datasets.add(key)
 
     def trial_result(self, trial: Any, result: dict[str, Any]) -> None:
         from rrscale.tracking import mlflow as tracking
@@ -443,42 +551,60 @@ class SweepTracker(Callback):
             result["startup_seconds"] = self.startup[trial.trial_id]
         if result.get("checkpoint_path"):  # a Train run's checkpoint, forwarded by TuneReportCallback
             self.checkpoints[trial.trial_id] = str(result["checkpoint_path"])
+        if isinstance(result.get("data_fingerprint"), str):
+            self._log_dataset(trial.trial_id, result["data_fingerprint"])
         if result.get("final") or "epoch" not in result:
             return
         run = self.runs.get(trial.trial_id, "")
-        tracking.log_epoch(run, _numbers(result, self.metric), int(result["epoch"]), tracking_uri=self.uri or None)
+        curves = {k: v for k, v in _numbers(result, self.metric).items() if k != "startup_seconds"}
+        tracking.log_epoch(run, curves, int(result["epoch"]), tracking_uri=self.uri or None)
 
     def trial_end(self, trial: Any, failed: bool) -> None:
         from rrscale.tracking import mlflow as tracking
+        from rrscale.tracking import naming
 
         if trial.trial_id in self.ended:
             return
         self.ended.add(trial.trial_id)
         last = dict(trial.last_result or {})
-        summary = _numbers(last, self.metric)
-        for key in ("status", "error", "traceback", "data_fingerprint", "device", "config_hash"):
+        failed = failed or last.get("status") == "failed"  # a failure the trial reported, not retried
+        final = bool(last.get("final")) and last.get("status", "ok") == "ok"
+        summary: dict[str, Any] = _numbers(last, self.metric) if final else {}
+        summary.pop("startup_seconds", None)
+        for key in ("error", "traceback", "device", "config_hash", "torch"):
             if isinstance(last.get(key), str):
                 summary[key] = last[key]
         seconds = float(last.get("time_total_s", 0.0) or 0.0)
         summary["cpu_seconds"] = seconds * self.cpus
-        summary["gpu_seconds"] = seconds * self.gpus
+        if self.gpus:
+            summary["gpu_seconds"] = seconds * self.gpus
         if trial.trial_id in self.startup:
             summary["startup_seconds"] = self.startup[trial.trial_id]
-        if failed or last.get("status") == "failed":
-            status = "FAILED"
-        elif last.get("final") and last.get("status", "ok") == "ok":
-            status = "FINISHED"
+        epochs = int(last.get("epochs", last.get("epoch", 0)) or 0)
+        if failed:
+            status, outcome = "FAILED", naming.FAILED
+        elif final:
+            status, outcome = "FINISHED", naming.FINISHED
+        elif epochs in self.stop_epochs:
+            status, outcome = "EARLY_STOPPED", naming.STOPPED_EARLY
         else:
-            status = "EARLY_STOPPED"
-            summary["stopped_at_epoch"] = last.get("epoch", 0)
+            status, outcome = "KILLED", naming.INTERRUPTED
+        if not final:
+            summary["stopped_at_epoch"] = epochs
+        info = self.datasets.get(trial.trial_id, {})
+        error = str(last.get("error") or getattr(trial, "error_msg", "") or "").strip().splitlines()
+        description = naming.describe_trial(
+            dict(trial.config), outcome, metric=self.metric, score=last.get(self.metric) if final else None,
+            epochs=epochs, of_epochs=info.get("epochs"), knn=last.get("knn_top1"),
+            error=error[-1][:200] if error else "")
         ckpt_dir = None
         path = (self.checkpoints.get(trial.trial_id)
                 or (trial.checkpoint.path if trial.checkpoint is not None else None))
         if path and "://" not in str(path) and Path(path).exists():
             ckpt_dir = Path(path)
         run = self.runs.get(trial.trial_id, "")
-        tracking.end_trial(run, summary, status, ckpt_dir if not failed else None, tracking_uri=self.uri or None)
-
+        tracking.end_trial(run, summary, status, ckpt_dir if not failed else None, description=description,
+                           tracking_uri=self.uri or None)
 
     def close_strays(self, trials: list) -> None:
         """Once per driver: close the child runs of trials that Tune's state does not hold (the
@@ -493,17 +619,25 @@ class SweepTracker(Callback):
     def interrupted(self, trials: list) -> None:
         """Trials that never ended (Ctrl-C stops them without telling anyone): "interrupted"."""
         from rrscale.tracking import mlflow as tracking
+        from rrscale.tracking import naming
 
         for trial in trials:
             run = self.runs.get(trial.trial_id, "")
             if run and trial.trial_id not in self.ended:
                 self.ended.add(trial.trial_id)
-                tracking.end_trial(run, {}, "interrupted", None, tracking_uri=self.uri or None)
+                epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
+                description = naming.describe_trial(dict(trial.config), naming.INTERRUPTED, metric=self.metric,
+                                                    epochs=epochs,
+                                                    of_epochs=self.datasets.get(trial.trial_id, {}).get("epochs"))
+                tracking.end_trial(run, {"stopped_at_epoch": epochs}, "interrupted", None, description=description,
+                                   tracking_uri=self.uri or None)
 
     # Tune's hooks ---------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
         self._load()
+        if self.parent:
+            self._describe_parent()
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.strays_closed:
@@ -526,13 +660,16 @@ class SweepTracker(Callback):
 
     def get_state(self) -> dict | None:
         return {"runs": self.runs, "startup": self.startup, "ended": sorted(self.ended),
-                "checkpoints": self.checkpoints}
+                "checkpoints": self.checkpoints, "datasets": self.datasets,
+                "logged_datasets": sorted(self.logged_datasets)}
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
         self.startup.update(state.get("startup", {}))
         self.ended = set(state.get("ended", []))
         self.checkpoints.update(state.get("checkpoints", {}))
+        self.datasets.update(state.get("datasets", {}))
+        self.logged_datasets.update(state.get("logged_datasets", []))
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -618,11 +755,12 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
                                        stop_last_trials=False)
     else:
         scheduler = FIFOScheduler()
-    tracker = SweepTracker(str(local / STATE_FILE), base, per_cpu, per_gpu, mode, t.metric)
+    tracker = SweepTracker(str(local / STATE_FILE), base, per_cpu, per_gpu, mode, t.metric,
+                           tuple(sorted(asha_stop_epochs(cfg))))
     progress = SweepProgress(num_samples=t.num_samples, epochs=max_epochs, concurrency=max_conc, metric=t.metric,
                              mode=t.mode, schedule_metric=t.schedule_metric)
     # Tune retries a trial whose process or node was lost (and I/O errors); the trial itself
-    # ends failures that a retry cannot fix without raising (see _trial). A Train trial's
+    # ends failures that a retry cannot fix without raising (see rrscale_trial). A Train trial's
     # workers are retried by Ray Train (scaling.max_failures) instead.
     failures = cfg.scaling.max_failures if mode == "inprocess" else 0
     tuner = tune.Tuner(
@@ -645,7 +783,7 @@ def _status_of(result: Any) -> str:
     m = result.metrics or {}
     if result.error is not None or m.get("status") == "failed":
         return "failed"
-    return "finished" if m.get("final") else "stopped early"
+    return "finished" if m.get("final") else STOPPED_EARLY
 
 
 def _first(result: Any, key: str) -> float | None:
@@ -658,6 +796,17 @@ def _first(result: Any, key: str) -> float | None:
         return None
     values = df[key].dropna()
     return float(values.iloc[0]) if len(values) else None
+
+
+def asha_stop_epochs(cfg: ExperimentConfig) -> set[int]:
+    """The epochs at which ASHA can stop a trial: ceil of each rung milestone (as Ray builds them)."""
+    t = cfg.tune
+    if t.scheduler != "asha":
+        return set()
+    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
+    max_t = max(t.grace_period, max_epochs - 1)
+    rungs = int(math.log(max_t / t.grace_period) / math.log(t.reduction_factor) + 1)
+    return {math.ceil(t.grace_period * t.reduction_factor**k - 1e-9) for k in range(rungs)}
 
 
 def _ended_on_record(facts: dict[str, Any], trial_id: str) -> bool:
@@ -685,9 +834,9 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
         real = m.get("metric_source", t.metric) == t.metric  # not an epoch's stand-in
         trial_id = m.get("trial_id") or Path(str(r.path)).name
         status = _status_of(r)
-        if status == "stopped early" and not _ended_on_record(facts, trial_id):
+        if status == STOPPED_EARLY and not _ended_on_record(facts, trial_id):
             status = "interrupted"
-        if (status in ("finished", "stopped early") and float(m.get("timestamp", 0) or 0) >= since
+        if (status in ("finished", STOPPED_EARLY) and float(m.get("timestamp", 0) or 0) >= since
                 and not m.get("replayed")):
             ended_here += 1
         rows.append({"trial_id": trial_id, "status": status,
@@ -699,9 +848,8 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
     finished = [row for row in rows if row["status"] == "finished" and isinstance(row[t.metric], (int, float))]
     sign = 1 if t.mode == "max" else -1
     best = max(finished, key=lambda row: sign * float(row[t.metric])) if finished else None
-    counts = {key: sum(1 for row in rows if row["status"] == word)
-              for key, word in (("finished", "finished"), ("stopped_early", "stopped early"), ("failed", "failed"),
-                                ("interrupted", "interrupted"))}
+    counts = {s.replace(" ", "_"): sum(1 for row in rows if row["status"] == s)
+              for s in ("finished", STOPPED_EARLY, "failed", "interrupted")}
     summary: dict[str, Any] = {"trials": len(rows), **counts, "wall_seconds": wall,
                                "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"],
                                "mode": t.mode}
@@ -841,14 +989,35 @@ def _start(cfg: ExperimentConfig, path: Path, resume: bool, requested_mode: str,
         cluster.shutdown(info)
 
 
+def sweep_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The parent run's params: the search space and the tune settings (not base values)."""
+    from rrscale.tracking.naming import sweep_params as params
+
+    search = {k: v.model_dump(mode="json", by_alias=True, exclude_defaults=True) for k, v in cfg.search.items()}
+    return params(search, cfg.tune.model_dump(mode="json"))
+
+
+def sweep_description(cfg: ExperimentConfig, name: str) -> str:
+    """One line for the parent run: what was searched, how, and for what."""
+    t = cfg.tune
+    axes = ", ".join(k.rsplit(".", 1)[-1] for k in cfg.search)
+    methods = "/".join(sorted(_methods(cfg)))
+    data = cfg.data.name + (f" ({cfg.data.fraction:.0%})" if cfg.data.fraction < 1 else "")
+    how = f"Optuna TPE over {axes}" + (f", ASHA on {t.schedule_metric}" if t.scheduler == "asha" else "")
+    return (f"Sweep {name}: {t.num_samples} trials of {methods} ({cfg.backbone.name}) on {data}; {how}; "
+            f"objective {t.metric} ({t.mode})")
+
+
 def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested_mode: str) -> int:
     from rrscale.scale import progress
+    from rrscale.tracking import links
     from rrscale.tracking import mlflow as tracking
+    from rrscale.tracking.report import attach_report
 
     name, storage, local = sweep_paths(cfg, path)
     uri = cfg.mlflow.tracking_uri or tracking.resolve_tracking_uri("")
-    base = space.base_dict(cfg)
-    parent = tracking.start_sweep(cfg.mlflow.experiment, uri, name, path, base, resume)
+    parent = tracking.start_sweep(cfg.mlflow.experiment, uri, name, path, sweep_params(cfg), resume,
+                                  description=sweep_description(cfg, name))
     (local / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "name": name}))
     tuner, facts = build_tuner(cfg, path, resume=resume, cpus=info.cpus, gpus=info.gpus,
                                requested_mode=requested_mode)
@@ -880,14 +1049,14 @@ def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested
     tracking.finish_sweep(parent, {k: v for k, v in summary.items() if k not in ("rows", "best_config")},
                           summary["best_config"], artifacts, status="interrupted" if interrupted else "FINISHED",
                           tracking_uri=uri)
+    attach_report(parent, uri)
     best = next((r for r in summary["rows"] if r["trial_id"] == summary.get("best_trial_id")), None)
     if best is not None:
         print(f"best trial {best['trial_id']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
               f"({progress.sampled_text(best)})")
-    experiment_id = tracking.experiment_id_of(parent, tracking_uri=uri) if parent else ""
     for line in progress.next_steps(
-            experiment=cfg.mlflow.experiment, tracking_uri=uri if parent else "", experiment_id=experiment_id,
-            experiment_file=local / sweep_dir.EXPERIMENT_FILE,
+            experiment=cfg.mlflow.experiment, sweep=name, tracking_uri=uri if parent else "",
+            ui_url=links.comparison_url(parent, uri) if parent else "", experiment_file=local / sweep_dir.EXPERIMENT_FILE,
             best={k: v for k, v in best.items() if "." in k} if best is not None else None,
             resume=resume_hint if interrupted else ""):
         print(line)

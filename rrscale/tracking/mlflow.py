@@ -34,6 +34,9 @@ The functions that take only a run id find its tracking URI in a small in-proces
 by :func:`start_sweep` / :func:`start_trial` (falling back to :func:`resolve_tracking_uri`
 with no configured URI); each also takes an explicit ``tracking_uri=`` keyword.
 
+What a run reads like (names, descriptions, metric sections, outcome words, the parent's
+search-space params) is decided in :mod:`rrscale.tracking.naming`; this module writes it.
+
 This module must not import ray: the Ray side calls it with plain dicts.
 """
 
@@ -59,12 +62,14 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import RestException
 from mlflow.tracking import MlflowClient
 
 from rrscale import __version__
 from rrscale.config import flatten
+from rrscale.floats import plain_float
+from rrscale.tracking import naming
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +102,24 @@ TRIAL_TAG = "rrscale.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 GIT_TAG = "rrscale.git_sha"
 VERSION_TAG = "rrscale.version"
+#: The outcome word of a run (:data:`rrscale.tracking.naming.OUTCOMES`); the MLflow status alone
+#: cannot say "stopped early" (a trial ASHA stopped ends FINISHED, as in Ray's own MLflow logger).
+STATUS_TAG = "rrscale.status"
+#: MLflow's run description (shown on the run page and as the runs table's Description column).
+NOTE_TAG = "mlflow.note.content"
 
+_FINISHED = ("FINISHED", naming.FINISHED)
+_STOPPED = ("FINISHED", naming.STOPPED_EARLY)
+_FAILED = ("FAILED", naming.FAILED)
+_INTERRUPTED = ("KILLED", naming.INTERRUPTED)
+#: A status word (ours, Ray's, Optuna's) -> (MLflow run status, outcome word).
 _STATUS = {
-    "FINISHED": "FINISHED", "TERMINATED": "FINISHED", "COMPLETED": "FINISHED", "COMPLETE": "FINISHED",
-    "SUCCESS": "FINISHED", "OK": "FINISHED",
-    "FAILED": "FAILED", "ERROR": "FAILED", "ERRORED": "FAILED",
-    "KILLED": "KILLED", "STOPPED": "KILLED", "CANCELLED": "KILLED", "INTERRUPTED": "KILLED",
-    "EARLY_STOPPED": "KILLED", "PRUNED": "KILLED",
+    "FINISHED": _FINISHED, "TERMINATED": _FINISHED, "COMPLETED": _FINISHED, "COMPLETE": _FINISHED,
+    "SUCCESS": _FINISHED, "OK": _FINISHED,
+    "EARLY_STOPPED": _STOPPED, "STOPPED_EARLY": _STOPPED, "STOPPED EARLY": _STOPPED, "STOPPED": _STOPPED,
+    "PRUNED": _STOPPED,
+    "FAILED": _FAILED, "ERROR": _FAILED, "ERRORED": _FAILED,
+    "KILLED": _INTERRUPTED, "CANCELLED": _INTERRUPTED, "INTERRUPTED": _INTERRUPTED,
 }
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- /:]")
 _SAFE_FILTER_VALUE = re.compile(r"^[\w.\-:]+$")
@@ -111,7 +127,6 @@ _SAFE_FILTER_VALUE = re.compile(r"^[\w.\-:]+$")
 _lock = threading.Lock()
 _clients: dict[str, MlflowClient] = {}
 _run_uri: dict[str, str] = {}
-_last_step: dict[str, int] = {}
 _down_until: dict[str, float] = {}
 _logged_through: dict[str, int] = {}
 _had_metrics: dict[str, dict[str, float]] = {}
@@ -299,18 +314,19 @@ def _tag_value(value: Any) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A float for real numbers (numpy / 0-d tensors included); ``None`` for anything else."""
+    """A plain float for real numbers (numpy / 0-d tensors included, float32 noise removed);
+    ``None`` for anything else."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, numbers.Real):
-        return float(value)
+        return plain_float(value)
     item = getattr(value, "item", None)
     if callable(item) and getattr(value, "ndim", 1) == 0:
         try:
             out = item()
         except Exception:  # noqa: BLE001
             return None
-        return float(out) if isinstance(out, numbers.Real) and not isinstance(out, bool) else None
+        return plain_float(out) if isinstance(out, numbers.Real) and not isinstance(out, bool) else None
     return None
 
 
@@ -443,12 +459,32 @@ def _log_artifact_paths(client: MlflowClient, run_id: str, paths: list[Path], wh
             log.warning("MLflow %s: could not upload %s (%s)", what, path, _short(exc))
 
 
-def _status(status: str) -> str:
-    mapped = _STATUS.get(str(status).strip().upper())
+def _status(status: str) -> tuple[str, str]:
+    """(MLflow run status, outcome word) of a status word."""
+    mapped = _STATUS.get(str(status).strip().upper().replace("-", "_"))
     if mapped is None:
         log.warning("unknown run status %r; recording it as FAILED", status)
-        return "FAILED"
+        return _FAILED
     return mapped
+
+
+def outcome_word(status: str) -> str:
+    """The outcome word (:data:`rrscale.tracking.naming.OUTCOMES`) of an ``rrscale.status`` tag or
+    any status word (MLflow's RUNNING / FINISHED / KILLED, Ray's, Optuna's)."""
+    if status in naming.OUTCOMES:
+        return status
+    word = str(status).strip().upper().replace(" ", "_").replace("-", "_")
+    if word in ("RUNNING", "SCHEDULED", "PENDING"):
+        return naming.RUNNING
+    mapped = _STATUS.get(word)
+    return mapped[1] if mapped else str(status).lower()
+
+
+def _source_tags() -> dict[str, str]:
+    """Who ran it and from what, as the MLflow UI reads them (User, Source, Version columns)."""
+    sha = git_sha()
+    return {"mlflow.user": _user(), "mlflow.source.name": "rrscale tune", "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": sha, GIT_TAG: sha, VERSION_TAG: __version__}
 
 
 def _split_summary(summary: dict[str, Any], tag_prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -467,15 +503,17 @@ def _split_summary(summary: dict[str, Any], tag_prefix: str) -> tuple[dict[str, 
 
 
 def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file: Path,
-                config: dict[str, Any], resume: bool) -> str:
+                config: dict[str, Any], resume: bool, *, description: str = "",
+                tags: dict[str, Any] | None = None) -> str:
     """Open the parent run of a sweep and return its id (``""`` when tracking is down).
 
-    Logs ``search_file`` (the experiment YAML with its search space) as an artifact, the
-    flattened base ``config`` as params, and the tags ``rrscale.sweep``, ``rrscale.role=sweep``,
-    ``rrscale.git_sha`` (+ ``mlflow.source.git.commit``) and ``rrscale.version``. With
-    ``resume=True`` the most recent parent run of the same ``sweep_name`` in the experiment is
-    set to RUNNING again and returned (params it lacks are added); a new one is created only
-    when none exists.
+    Logs ``search_file`` (the experiment YAML with its search space) as an artifact, ``config``
+    (what describes the sweep: its search space and tune settings, see
+    :func:`rrscale.tracking.naming.sweep_params`; nested dicts are flattened) as params,
+    ``description`` as the run's description, ``tags`` plus ``rrscale.sweep``,
+    ``rrscale.role=sweep``, user, source and git sha. With ``resume=True`` the most recent
+    parent run of the same ``sweep_name`` in the experiment is set to RUNNING again and returned
+    (params it lacks are added); a new one is created only when none exists.
     """
     uri = tracking_uri or resolve_tracking_uri("")
     why = unreachable(uri)
@@ -490,6 +528,9 @@ def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file
         client = _client(uri)
         exp_id = _experiment_id(client, experiment, uri)
         params = _flat_params(config)
+        extra = {_key(k): _tag_value(v) for k, v in (tags or {}).items()}
+        if description:
+            extra[NOTE_TAG] = _tag_value(description)
         run = _find_sweep(client, exp_id, sweep_name) if resume else None
         if run is not None:
             run_id = run.info.run_id
@@ -500,14 +541,11 @@ def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file
         else:
             if resume:
                 log.info("MLflow: no earlier parent run for sweep %r; starting one", sweep_name)
-            sha = git_sha()
-            tags = {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep", GIT_TAG: sha, VERSION_TAG: __version__,
-                    "mlflow.source.git.commit": sha, "mlflow.source.name": "rrscale tune",
-                    "mlflow.source.type": "LOCAL", "mlflow.user": _user(),
-                    "rrscale.search_file": _tag_value(Path(search_file).name if search_file else "")}
-            run_id = client.create_run(exp_id, run_name=sweep_name, tags=tags).info.run_id
+            all_tags = {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep", **_source_tags(),
+                        "rrscale.search_file": _tag_value(Path(search_file).name if search_file else "")}
+            run_id = client.create_run(exp_id, run_name=sweep_name, tags=all_tags).info.run_id
         _remember(run_id, uri)
-        _log_batch(client, run_id, params=params)
+        _log_batch(client, run_id, params=params, tags=extra)
         if search_file and Path(search_file).is_file():
             _log_artifact_paths(client, run_id, [Path(search_file)], "start_sweep")
         return run_id
@@ -516,15 +554,16 @@ def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file
 
 
 def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags: dict[str, Any],
-                *, tracking_uri: str | None = None) -> str:
+                *, run_name: str = "", description: str = "", tracking_uri: str | None = None) -> str:
     """Open (or find again) the child run of one trial; return its id, ``""`` on failure.
 
     Idempotent: when a child of ``parent_run_id`` with tag ``rrscale.trial_id == trial_id``
-    exists it is returned (set RUNNING again, missing params added), so a resumed sweep never
-    duplicates a trial. The run name is ``trial_id``; ``params`` are flattened to dotted keys
-    and cut to :data:`PARAM_VALUE_LIMIT` characters; ``tags`` are logged as given (plus
-    ``mlflow.parentRunId``, ``rrscale.trial_id``, ``rrscale.sweep``, ``rrscale.role=trial``
-    and ``rrscale.git_sha`` when missing).
+    exists it is returned (set RUNNING again, missing params added, description replaced), so a
+    resumed sweep never duplicates a trial. The run is named ``run_name`` (default: the trial
+    id; see :func:`rrscale.tracking.naming.run_name`); ``params`` are flattened to dotted keys
+    and cut to :data:`PARAM_VALUE_LIMIT` characters; ``tags`` are logged as given, plus
+    ``mlflow.parentRunId``, ``rrscale.trial_id``, ``rrscale.sweep``, ``rrscale.role=trial``,
+    ``rrscale.status=running``, user, source and git sha.
     """
     if not parent_run_id:
         return ""
@@ -535,6 +574,9 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
         parent = client.get_run(parent_run_id)
         exp_id = parent.info.experiment_id
         flat = _flat_params(params)
+        now = {STATUS_TAG: naming.RUNNING}
+        if description:
+            now[NOTE_TAG] = _tag_value(description)
         run = _find_trial(client, exp_id, parent_run_id, trial_id)
         if run is not None:
             run_id = run.info.run_id
@@ -546,19 +588,15 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
             with _lock:
                 _logged_through[run_id] = logged
                 _had_metrics[run_id] = dict(run.data.metrics)
-            _log_batch(client, run_id, params=flat)
+            _log_batch(client, run_id, params=flat, tags=now)
             return run_id
-        all_tags = {_key(k): _tag_value(v) for k, v in tags.items()}
-        sha = all_tags.get(GIT_TAG) or git_sha()
+        all_tags = {**_source_tags(), **{_key(k): _tag_value(v) for k, v in tags.items()}, **now}
         all_tags.update({PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"})
-        all_tags.setdefault(GIT_TAG, sha)
-        all_tags.setdefault("mlflow.source.git.commit", sha)
-        all_tags.setdefault(VERSION_TAG, __version__)
         sweep = parent.data.tags.get(SWEEP_TAG)
         if sweep:
             all_tags.setdefault(SWEEP_TAG, sweep)
         # create_run takes the tags in one request; params go in (chunked) batches after it.
-        run_id = client.create_run(exp_id, run_name=trial_id, tags=all_tags).info.run_id
+        run_id = client.create_run(exp_id, run_name=run_name or trial_id, tags=all_tags).info.run_id
         _remember(run_id, uri)
         _log_batch(client, run_id, params=flat)
         return run_id
@@ -567,50 +605,86 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
 
 
 def log_epoch(run_id: str, metrics: dict[str, Any], step: int, *, tracking_uri: str | None = None) -> None:
-    """Log the numeric values of ``metrics`` at ``step``; anything non-numeric (bools,
-    strings, nested dicts, lists) is ignored."""
+    """Log the numeric values of one epoch's report at ``step`` under ``epoch/<name>``
+    (:func:`rrscale.tracking.naming.epoch_metric`); the epoch number itself and anything
+    non-numeric (bools, strings, nested dicts, lists) are ignored."""
     if not run_id:
         return
     uri = _uri_for(run_id, tracking_uri)
-    batch = _metrics(metrics, step)
-    with _lock:
-        _last_step[run_id] = max(int(step), _last_step.get(run_id, int(step)))
-        if int(step) <= _logged_through.get(run_id, -1):
-            return  # a resumed trial repeats an epoch the run already holds
+    if int(step) <= _logged_through.get(run_id, -1):
+        return  # a resumed trial repeats an epoch the run already holds
+    curves = {naming.epoch_metric(k): v for k, v in metrics.items() if k not in naming.NOT_CURVES}
+    batch = _metrics(curves, step)
     if not batch:
         return
     _guard(uri, "log_epoch", None, lambda: _log_batch(_client(uri), run_id, metrics=batch))
 
 
+def set_tags(run_id: str, tags: dict[str, Any], *, tracking_uri: str | None = None) -> None:
+    """Set (or replace) tags of a run, e.g. its description (:data:`NOTE_TAG`)."""
+    if not run_id or not tags:
+        return
+    uri = _uri_for(run_id, tracking_uri)
+    values = {_key(k): _tag_value(v) for k, v in tags.items()}
+    _guard(uri, "set_tags", None, lambda: _log_batch(_client(uri), run_id, tags=values))
+
+
+def log_dataset(run_id: str, name: str, digest: str, source: str, *, context: str = "training",
+                profile: dict[str, Any] | None = None, tracking_uri: str | None = None) -> None:
+    """Record the data a run used as an MLflow dataset input (the runs table's Dataset column):
+    ``name`` (e.g. ``cifar10``), ``digest`` (rrscale's data fingerprint) and ``source`` (where it
+    was read). Logging the same dataset twice keeps one input."""
+    if not run_id or not digest:
+        return
+    uri = _uri_for(run_id, tracking_uri)
+    dataset = Dataset(name=name, digest=digest, source_type="local" if source.startswith("/") else "code",
+                      source=json.dumps({"uri": source}),
+                      profile=json.dumps(profile, default=str) if profile else None)
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+
+    def body() -> None:
+        client = _client(uri)
+        have = client.get_run(run_id).inputs.dataset_inputs or []
+        if any(d.dataset.name == name and d.dataset.digest == digest for d in have):
+            return
+        client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    _guard(uri, "log_dataset", None, body)
+
+
 def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir: Path | None,
-              *, tracking_uri: str | None = None) -> None:
+              *, description: str = "", tracking_uri: str | None = None) -> None:
     """Log the final numbers of a trial, its checkpoint, and close it.
 
-    Numeric ``summary`` values become metrics (``probe_top1``, ``knn_top1``, ``nmi``, ``acc``,
-    ``images_per_s``, ``seconds``, ``cpu_seconds``/``gpu_seconds`` ...) at the trial's last
-    logged step, so ``run.data.metrics`` shows them as the latest values; short strings become
-    ``summary.<key>`` tags. ``checkpoint_dir`` (a folder, or one file) is uploaded under the
-    artifact path ``checkpoint/``. ``status``: FINISHED / FAILED / KILLED (Ray's TERMINATED and
-    ERROR are accepted too); the original word is kept in the tag ``rrscale.status``.
+    ``summary`` is what the trial ended with: scores (``probe_top1``, ``knn_top1``, ``nmi``...)
+    are logged once (step 0) under their own name, costs (``seconds``, ``cpu_seconds``,
+    ``gpu_seconds`` when a GPU was used, the run's average ``images_per_s``...) under
+    ``cost/``, run constants (``epochs``, ``seed``, ``workers``) and short strings (``device``,
+    ``error``...) as ``rrscale.<key>`` tags (:func:`rrscale.tracking.naming.split_final`). So a
+    per-epoch curve (``epoch/knn_top1``) never gets a second value at its last step.
+    ``checkpoint_dir`` (a folder, or one file) is uploaded under ``checkpoint/``.
+    ``status``: FINISHED, EARLY_STOPPED (MLflow FINISHED, ``rrscale.status = stopped early``),
+    FAILED or KILLED (``interrupted``); Ray's TERMINATED and ERROR are accepted too.
+    ``description`` replaces the run's description when given.
     """
     if not run_id:
         return
     uri = _uri_for(run_id, tracking_uri)
-    with _lock:
-        step = _last_step.pop(run_id, None)
-    if step is None:
-        guess = next((summary[k] for k in ("epochs", "epoch", "training_iteration") if k in summary), 0)
-        step = int(guess) if _number(guess) is not None else 0
-    nums, tags = _split_summary(summary, "summary.")
+    metrics, tags = naming.split_final(summary)
     with _lock:
         had = _had_metrics.pop(run_id, {})
     # a trial that re-reports its ending after a resume: values the run holds already stay single
-    nums = {k: v for k, v in nums.items() if had.get(_key(k)) != _number(v)}
-    tags["rrscale.status"] = _tag_value(status)
-    final = _status(status)
+    metrics = {k: v for k, v in metrics.items() if had.get(_key(k)) != _number(v)}
+    for key, value in summary.items():
+        if isinstance(value, str) and key != "status" and value:
+            tags[_key(f"rrscale.{key}")] = _tag_value(value)
+    final, outcome = _status(status)
+    tags[STATUS_TAG] = outcome
+    if description:
+        tags[NOTE_TAG] = _tag_value(description)
     client = _client(uri)
     _guard(uri, "end_trial (metrics)", None,
-           lambda: _log_batch(client, run_id, metrics=_metrics(nums, step), tags=tags))
+           lambda: _log_batch(client, run_id, metrics=_metrics(metrics, 0), tags=tags))
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir)
 
@@ -628,29 +702,24 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
 
 def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[str, Any],
                  artifacts: list[Path], *, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
-    """Close the parent run: summary metrics, the best config (``best_config.json`` artifact
-    and ``best.<dotted key>`` params), extra artifacts (PNG/SVG/PDF files under ``plots/``,
-    other files at the root, folders under their own name), then ``status`` (FINISHED; the word
-    given, e.g. ``interrupted``, is kept in the tag ``rrscale.status``)."""
+    """Close the parent run: summary metrics (strings become ``summary.<key>`` tags), the best
+    config as the ``best_config.json`` artifact, extra artifacts (PNG/SVG/PDF files under
+    ``plots/``, other files at the root, folders under their own name), then ``status``."""
     if not parent_run_id:
         return
     uri = _uri_for(parent_run_id, tracking_uri)
     client = _client(uri)
     nums, tags = _split_summary(summary, "summary.")
-    tags["rrscale.status"] = _tag_value(status)
-
-    def log_summary() -> None:
-        params = _new_params(client, parent_run_id, _flat_params(best_config, "best.")) if best_config else {}
-        _log_batch(client, parent_run_id, metrics=_metrics(nums, 0), params=params, tags=tags)
-
-    _guard(uri, "finish_sweep (summary)", None, log_summary)
+    final, outcome = _status(status)
+    tags[STATUS_TAG] = outcome
+    _guard(uri, "finish_sweep (summary)", None,
+           lambda: _log_batch(client, parent_run_id, metrics=_metrics(nums, 0), tags=tags))
     if best_config:
         _guard(uri, "finish_sweep (best config)", None,
                lambda: client.log_dict(parent_run_id, best_config, "best_config.json"))
     if artifacts:
         _guard(uri, "finish_sweep (artifacts)", None,
                lambda: _log_artifact_paths(client, parent_run_id, list(artifacts), "finish_sweep"))
-    final = _status(status)
     _guard(uri, "finish_sweep (terminate)", None, lambda: client.set_terminated(parent_run_id, final))
 
 
@@ -677,9 +746,9 @@ def close_stray_trials(parent_run_id: str, keep: set[str], *, tracking_uri: str 
             trial = run.data.tags.get(TRIAL_TAG, "")
             if trial in keep:
                 continue
-            client.set_tag(run.info.run_id, "rrscale.status", "lost")
-            client.set_tag(run.info.run_id, "rrscale.note", "the driver stopped before Ray Tune saved this "
-                           "trial; the resumed sweep ran its sampled values again as a new trial")
+            client.set_tag(run.info.run_id, STATUS_TAG, "lost")
+            client.set_tag(run.info.run_id, NOTE_TAG, "Lost: the driver stopped before Ray Tune saved this "
+                           "trial; the resumed sweep ran its sampled values again as a new trial.")
             client.set_terminated(run.info.run_id, "KILLED")
             client.delete_run(run.info.run_id)
             closed.append(trial)
@@ -690,21 +759,28 @@ def close_stray_trials(parent_run_id: str, keep: set[str], *, tracking_uri: str 
     return _guard(uri, "close_stray_trials", [], body)
 
 
-def experiment_id_of(run_id: str, *, tracking_uri: str | None = None) -> str:
-    """The experiment id of a run (for links to the MLflow UI), ``""`` when unknown."""
-    if not run_id:
-        return ""
-    uri = _uri_for(run_id, tracking_uri)
-    return _guard(uri, "experiment_id_of", "", lambda: str(_client(uri).get_run(run_id).info.experiment_id))
-
-
 def _last_logged_step(client: MlflowClient, run: Any) -> int:
-    """The largest step a run holds metrics at (-1 for none), from one metric's history."""
-    keys = sorted(run.data.metrics)
+    """The last epoch a run holds per-epoch curves for (-1 for none), from one curve's history."""
+    keys = sorted(k for k in run.data.metrics if k.startswith(naming.EPOCH_PREFIX))
     if not keys:
         return -1
     history = client.get_metric_history(run.info.run_id, keys[0])
     return max((int(m.step) for m in history), default=-1)
+
+
+def set_experiment_tag(tracking_uri: str, experiment_id: str, key: str, value: str) -> None:
+    """Set a tag of an experiment (e.g. the comparison view, :mod:`rrscale.tracking.links`).
+    The value is written whole (MLflow takes up to 20,000 characters) or not at all."""
+    uri = tracking_uri or resolve_tracking_uri("")
+    _guard(uri, "set_experiment_tag", None, lambda: _client(uri).set_experiment_tag(experiment_id, _key(key), value))
+
+
+def get_run(run_id: str, *, tracking_uri: str | None = None) -> Any | None:
+    """The MLflow run (``None`` when it cannot be read)."""
+    if not run_id:
+        return None
+    uri = _uri_for(run_id, tracking_uri)
+    return _guard(uri, "get_run", None, lambda: _client(uri).get_run(run_id))
 
 
 def forget_failures() -> None:
