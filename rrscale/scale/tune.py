@@ -321,7 +321,6 @@ class RRSearch(OptunaSearch):
     intermediate value, which are the per-epoch stand-ins reported along the way), and only
     finished trials carry COMPLETE values of ``tune.metric``; a trial that failed is FAIL.
 
-
     After a resume it also reconciles itself with the study, which is newer than the pickled
     searcher state when the driver died between the two (:meth:`restore`), and it records each
     trial's ending in the trial's folder *before* telling Optuna (:mod:`rrscale.scale.trial_record`).
