@@ -101,7 +101,7 @@ def run_mode(mode: str, overrides: list[str], work: Path) -> dict[str, Any]:
         },
         "trial_seconds_median": statistics.median(float(r["seconds"]) for r in rows if r.get("seconds")),
         "sweep_seconds": summary["wall_seconds"],
-        "trials_per_hour": summary["trials_per_hour"],
+        "trials_per_hour": summary.get("trials_per_hour"),
         "command_seconds_incl_ray_start": total,
         "trials_per_hour_incl_ray_start": summary["trials"] / total * 3600,
     }

@@ -34,7 +34,8 @@ EXAMPLES_TUNE = """\
 examples:
   rrscale tune search_spaces/quickstart.yaml      # a few trials, minutes on a laptop CPU
   rrscale tune search_spaces/cifar.yaml --set tune.num_samples=32
-  rrscale tune search_spaces/cifar.yaml --resume  # continue an interrupted sweep
+  rrscale tune --resume runs/tune/cifar           # continue an interrupted sweep (its folder)
+  rrscale tune search_spaces/cifar.yaml --resume  # the same, from the file (with the same --set)
 """
 
 
@@ -74,9 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="search hyperparameters with Ray Tune + Optuna, tracked in MLflow",
                         description="Run the sweep described by FILE's search: and tune: sections.",
                         epilog=EXAMPLES_TUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tu.add_argument("file")
+    tu.add_argument("file", help="experiment YAML, or with --resume the sweep's folder")
     with_overrides(tu)
-    tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name")
+    tu.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same name "
+                    "(FILE may then be the sweep folder: it keeps the resolved experiment)")
 
     ru = sub.add_parser("runs", help="list the sweeps of an experiment, rank the trials of one; plots, HTML report",
                         description="List every sweep of EXPERIMENT (name, start, trials, best) and rank the "
@@ -295,20 +297,27 @@ def probe_checkpoint(cfg: Any, state: dict[str, Any], data: Any) -> dict[str, An
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from rrscale.config import ConfigError, load_config
-
     from rrscale.data.sources import DataError, load_data
 
+    path = Path(args.file)
+    if args.resume and path.is_dir():
+        from rrscale.scale.sweep_dir import EXPERIMENT_FILE, resume_target
+
+        path = resume_target(path)
+        if not path.is_file():
+            return _fail(f"{args.file}: (folder): expected a sweep folder holding {EXPERIMENT_FILE} "
+                         "(rrscale tune writes it when a sweep starts)")
     try:
-        cfg = load_config(args.file, args.overrides)
+        cfg = load_config(path, args.overrides)
         from rrscale.scale.tune import check_tune_config, run_tune
 
-        check_tune_config(cfg, args.file)
+        check_tune_config(cfg, path)
         load_data(cfg.data, seed=cfg.train.seed)  # fails before Ray starts; warms the decode cache
     except ConfigError as exc:
         return _fail(str(exc))
     except DataError as exc:
-        return _fail(f"{args.file}: {exc}")
-    return run_tune(cfg, Path(args.file), resume=args.resume)
+        return _fail(f"{path}: {exc}")
+    return run_tune(cfg, path, resume=args.resume, overrides=args.overrides)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

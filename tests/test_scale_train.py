@@ -99,5 +99,5 @@ def test_divergence_on_two_workers_ends_failed_without_retrying_forever(ray_env:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and "diverged" in summary["error"]
     assert time.time() - tic < 200  # one restart to read the marker, not five retrained runs
-    markers = list((out / "ray").glob("*/rrscale-diverged.json"))
+    markers = list((out / "ray").glob("*/rrscale-failed.json"))
     assert len(markers) == 1

@@ -263,17 +263,16 @@ def test_tracking_failures_do_not_raise(monkeypatch: pytest.MonkeyPatch, tmp_pat
     trk.finish_sweep("0123abcd", {"best": 1.0}, {"a": 1}, [tmp_path / "nope.html"], tracking_uri=dead)
     assert trk.start_trial("0123abcd", "t", {"a": 1}, {}, tracking_uri=dead) == ""
     assert time.monotonic() - tic < 30
-    assert any("MLflow start_sweep failed" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if dead in r.getMessage() and "unreachable" in r.getMessage()]
     # a store that cannot be created, and a run id that does not exist in a working store
     (tmp_path / "a-file").write_text("not a folder")
     bad_sqlite = f"sqlite:///{tmp_path / 'a-file' / 'x.db'}"
     assert trk.start_sweep("x", bad_sqlite, "s", tmp_path / "missing.yaml", {}, resume=False) == ""
     good = f"sqlite:///{tmp_path / 'ok.db'}"
-    # a slow failure (retries, time-outs) marks the URI as down: later calls are skipped at once
-    monkeypatch.setattr(trk, "SLOW_FAILURE_S", 0.0)
+    # a server that does not answer is marked down: later calls are skipped at once, silently
     caplog.clear()
     assert trk.start_sweep("x", dead, "s", tmp_path / "missing.yaml", {}, resume=False) == ""
-    assert any("skipping MLflow calls to http://127.0.0.1:1" in r.getMessage() for r in caplog.records)
+    assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
     caplog.clear()
     trk.log_epoch("0123abcd", {"loss": 1.0}, 2, tracking_uri=dead)
     trk.end_trial("0123abcd", {"probe_top1": 0.5}, "FINISHED", None, tracking_uri=dead)

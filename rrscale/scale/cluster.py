@@ -6,11 +6,17 @@
   its entrypoint): join that cluster. Nothing else joins a cluster implicitly, so a stray
   ``ray start`` on a shared machine never captures an ``rrscale`` run.
 * otherwise: start a local Ray with an explicit ``num_cpus`` and the dashboard bound to
-  127.0.0.1. Ray 2.60 protects the dashboard with a token; rrscale sets ``RAY_AUTH_MODE``
+  127.0.0.1, on port 8265 (or ``RRSCALE_DASHBOARD_PORT``) when it is free and on a free port
+  the system picks when another Ray (another sweep) holds it. Choosing the port and starting
+  Ray happen under a host-wide lock (:func:`_start_lock`), so two sweeps starting together
+  cannot both pick the same port. Ray 2.60 protects the dashboard with a token; rrscale sets ``RAY_AUTH_MODE``
   explicitly (``token`` unless the user chose another value) so the behaviour never depends
   on whether ``~/.ray/auth_token`` happens to exist. The token comes from ``RAY_AUTH_TOKEN``,
   else the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray writes a new one there
   when none exists). rrscale prints where it is, never the token itself.
+
+The driver's Ray job is named (``job_name`` in the job's metadata, the dashboard's "Name"
+column), e.g. ``rrscale tune quickstart``.
 
 Worker processes get the ``RRSCALE_*`` environment variables of the driver (data root, decode
 cache, test switches) and, when rrscale runs from a source checkout rather than an installed
@@ -19,9 +25,15 @@ package, its folder on ``PYTHONPATH``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import math
 import os
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +72,8 @@ class ClusterInfo:
         what = "started a local Ray" if self.started else "joined the Ray cluster"
         lines = [f"ray: {what} at {self.address} ({self.cpus:g} CPUs, {self.gpus:g} GPUs)"]
         if self.dashboard_url:
-            lines.append(f"ray: dashboard {self.dashboard_url}")
+            lives = " (it lives as long as this command)" if self.started else ""
+            lines.append(f"ray: dashboard {self.dashboard_url}{lives}")
             if self.auth_mode == "token":
                 lines.append(
                     f"ray: the dashboard needs Ray's token ({self.token_source}); paste the output of "
@@ -157,6 +170,54 @@ def _refresh_ray_config(mode_changed: bool) -> None:
         print(f"rrscale: warning: could not refresh Ray's auth settings: {exc}", file=sys.stderr)
 
 
+def port_free(port: int, host: str = DASHBOARD_HOST) -> bool:
+    """Whether nothing listens on ``host:port`` (a bind test; SO_REUSEADDR like a server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_dashboard_port(preferred: int) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else a free port the system picks."""
+    if port_free(preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((DASHBOARD_HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """A host-wide exclusive lock around 'choose the dashboard port, start Ray' (the file
+    ``rrscale-ray-start.lock`` in the system temp folder); without it if the file cannot be used."""
+    path = os.path.join(tempfile.gettempdir(), "rrscale-ray-start.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _job_config(job_name: str) -> Any:
+    """The driver's job: its name, and WARNING as the log level of its worker processes (Ray's
+    INFO lines there, "Checkpoint successfully created", "Restored from checkpoint"..., are
+    forwarded to the console and say nothing a user can act on; warnings stay)."""
+    from ray.job_config import JobConfig
+
+    config = JobConfig(metadata={"job_name": job_name} if job_name else None)
+    config.set_py_logging_config(ray.LoggingConfig(log_level="WARNING"))
+    return config
+
+
 def start_or_join(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
@@ -164,35 +225,38 @@ def start_or_join(
     dashboard: bool = True,
     dashboard_port: int | None = None,
     log_to_driver: bool = True,
+    job_name: str = "",
 ) -> ClusterInfo:
     """Join ``$RAY_ADDRESS`` or start a local Ray with explicit resources; see the module doc."""
     if ray.is_initialized():
         return _info(started=False, context=None)
     env = worker_env()
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    quiet = {"logging_level": logging.WARNING, "job_config": _job_config(job_name)}
     if address:
         # Inside `ray job submit` the job's runtime_env wins: add only keys it does not set.
         _refresh_ray_config(mode_changed=False)
         taken = _job_env_keys()
         env = {k: v for k, v in env.items() if k not in taken}
         context = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-                           log_to_driver=log_to_driver)
+                           log_to_driver=log_to_driver, **quiet)
         return _info(started=False, context=context)
-    mode_changed = AUTH_MODE_ENV not in os.environ
-    if mode_changed:
-        os.environ[AUTH_MODE_ENV] = "token"
-    _refresh_ray_config(mode_changed)
+    os.environ.setdefault(AUTH_MODE_ENV, "token")
+    # Re-read even when the variable was set already: a process that imported Ray before it was
+    # set (a test session, a notebook) has cached the old mode in Ray's C++ config.
+    _refresh_ray_config(mode_changed=True)
     # The raylet and every worker inherit this process' environment: set PYTHONPATH here
     # instead of a job runtime_env, which would make Ray set up an env per worker.
     os.environ.update(env)
     cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
-    port = dashboard_port or int(os.environ.get(DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT))
-    kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=dashboard, log_to_driver=log_to_driver)
+    kwargs: dict[str, Any] = dict(num_cpus=cpus, include_dashboard=dashboard, log_to_driver=log_to_driver, **quiet)
     if num_gpus is not None:
         kwargs["num_gpus"] = num_gpus
-    if dashboard:
-        kwargs.update(dashboard_host=DASHBOARD_HOST, dashboard_port=port)
-    context = ray.init(**kwargs)
+    with _start_lock():
+        if dashboard:
+            wanted = dashboard_port or int(os.environ.get(DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT))
+            kwargs.update(dashboard_host=DASHBOARD_HOST, dashboard_port=pick_dashboard_port(wanted))
+        context = ray.init(**kwargs)
     return _info(started=True, context=context)
 
 

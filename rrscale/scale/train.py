@@ -11,10 +11,12 @@ wraps the model in DDP and shards the data by rank by itself. Results leave the 
 * ``load_state`` resumes from ``ray.train.get_checkpoint()`` after a worker failure (Ray Train
   restarts the worker group up to ``scaling.max_failures`` times), else from
   ``OUT/checkpoint.pt`` of an earlier ``rrscale train`` into the same folder;
-* a run that diverges (:class:`rrscale.methods.TrainingDiverged`) ends with status "failed"
-  instead of being retried: a single worker reports the failure and returns; with several
-  workers the rank that diverged leaves a marker in the run's storage folder and raises, and
-  the restarted group (one retry) sees the marker, reports the failure and returns.
+* a failure that another attempt cannot fix (:func:`retryable` is false: divergence, bad
+  config or data, a bug) ends the run with status "failed" instead of being retried: a single
+  worker reports the failure and returns; with several workers the rank that failed leaves a
+  marker in the run's storage folder and raises, and the restarted group (one restart) sees
+  the marker, reports the failure and returns without training again. Lost workers, nodes,
+  memory and I/O errors are retried up to ``scaling.max_failures`` times.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +36,31 @@ import torch
 
 from rrscale.config import ExperimentConfig, ScalingConfig, validate
 from rrscale.engine.checkpoint import load_checkpoint, save_checkpoint
+from rrscale.scale.trial_record import FAILED_FILE, FINAL_FILE, read_json, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.json"
-DIVERGED_FILE = "diverged.json"
 CRASH_ENV = "RRSCALE_TEST_CRASH"  # "rank=R,epoch=E,marker=PATH": test-only worker kill
 METRICS_AT_END = ("probe_top1", "nmi", "acc", "ood_auroc_noise", "ood_auroc_shuffled")
 STAND_IN = "knn_top1"
 
 
-class TrialDiverged(RuntimeError):
-    """A trial whose training diverged; raised on the Tune side so the trial ends as ERROR."""
+def retryable(exc: BaseException) -> bool:
+    """Whether another attempt can succeed: a lost worker, node or device, memory, or I/O on
+    shared storage. Our own deterministic failures (divergence, config or data errors, bugs)
+    fail the same way every time and are not retried."""
+    import ray.exceptions
+
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False
+    if isinstance(exc, (ray.exceptions.RayError, OSError, MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc) for w in ("CUDA error", "NCCL", "Gloo"))
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: last line of the message``, at most 500 characters."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
 
 
 # ----------------------------------------------------------------------------- report shaping
@@ -225,16 +242,21 @@ class RayHooks:
                     self.shape.last.update({k: float(v) for k, v in past.items() if _is_number(v)})
         return state
 
-    def report_failure(self, error: str) -> dict[str, Any]:
-        """The final report of a diverged run (every rank calls it; rank 0's payload counts)."""
+    def report_failure(self, error: str, detail: str = "") -> dict[str, Any]:
+        """The final report of a run that failed for good (every rank calls it; rank 0's
+        payload counts); ``detail`` (a traceback) travels in the report, not to the console."""
         payload: dict[str, Any] = {"status": "failed", "error": error}
-        payload = self.shape.final(payload) if self.shape else payload
+        if detail:
+            payload["traceback"] = detail[-4000:]
+        if self.shape is not None:
+            payload = self.shape.final(payload)
+            payload["metric_source"] = "none"  # the value Tune needs under the metric's name is no score
         payload["final"] = True
         self.final_payload = dict(payload)
         files = None
         if self.rank == 0 and self.in_tune:
             failed = dict(payload)
-            files = {DIVERGED_FILE: lambda p: p.write_text(json.dumps(failed, default=str))}
+            files = {FAILED_FILE: lambda p: p.write_text(json.dumps(failed, default=str))}
         self._send(payload, files)
         return payload
 
@@ -250,45 +272,11 @@ def _broadcast_from_rank0(obj: Any) -> Any:
     return box[0]
 
 
-def checkpoint_file(ckpt: Any, name: str) -> dict[str, Any] | None:
-    """The JSON file ``name`` inside a Ray checkpoint, or ``None``."""
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        path = Path(d) / name
-        return json.loads(path.read_text()) if path.exists() else None
-
-
 # ----------------------------------------------------------------------------- worker
 
 
 def _set_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
-
-
-def _marker_fs(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if "://" in path:
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return pyarrow.fs.LocalFileSystem(), path
-
-
-def _marker_exists(path: str) -> dict[str, Any] | None:
-    import pyarrow.fs
-
-    fs, p = _marker_fs(path)
-    if fs.get_file_info(p).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(p) as fh:
-        return json.loads(fh.read().decode())
-
-
-def _write_marker(path: str, payload: dict[str, Any]) -> None:
-    fs, p = _marker_fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as fh:
-        fh.write(json.dumps(payload).encode())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -317,18 +305,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     hooks.final_extra["worker_nodes"] = ",".join(str(n["node_id"]) for n in nodes)
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     marker = config.get("marker", "")
-    earlier = _broadcast_from_rank0(_marker_exists(marker) if marker and rank == 0 else None)
+    earlier = _broadcast_from_rank0(read_json(marker) if marker and rank == 0 else None)
     if earlier is not None:
-        hooks.report_failure(str(earlier.get("error", "training diverged")))
+        hooks.report_failure(str(earlier.get("error", "training failed")), str(earlier.get("traceback", "")))
         return hooks.final_payload if rank == 0 else None
     try:
         summary = run_experiment(exp, hooks=hooks, out_dir=out_dir if rank == 0 else None, device=device)
-    except TrainingDiverged as exc:
+    except Exception as exc:
+        if retryable(exc):
+            raise
+        error = str(exc) if isinstance(exc, TrainingDiverged) else one_line(exc)
         if world == 1:
-            hooks.report_failure(str(exc))
+            hooks.report_failure(error, traceback.format_exc())
             return hooks.final_payload
         if marker:
-            _write_marker(marker, {"error": str(exc), "rank": rank, "time": time.time()})
+            write_json(marker, {"error": error, "traceback": traceback.format_exc()[-4000:], "rank": rank,
+                                "time": time.time()})
         raise
     if rank != 0:
         return None
@@ -382,7 +374,7 @@ def make_trainer(
     from rrscale.scale.cluster import worker_env
 
     scaling = exp.scaling
-    marker = f"{storage_path.rstrip('/')}/{name}/rrscale-{DIVERGED_FILE}"
+    marker = f"{storage_path.rstrip('/')}/{name}/rrscale-{FAILED_FILE}"
     loop_config = {
         "experiment": exp.model_dump(mode="json", exclude={"search"}),
         "source": f"ray run {name}",
@@ -464,7 +456,7 @@ def _fit(trainer: Any) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
-        return {"status": "failed", "error": _one_line(exc)}
+        return {"status": "failed", "error": one_line(exc)}
     summary = result.return_value
     if not isinstance(summary, dict):
         summary = {k: v for k, v in (result.metrics or {}).items()}
@@ -473,16 +465,11 @@ def _fit(trainer: Any) -> dict[str, Any]:
     return summary
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
-
-
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
 
 
-__all__ = ["ReportShape", "RayHooks", "TrialDiverged", "make_trainer", "train_loop_per_worker",
+__all__ = ["ReportShape", "RayHooks", "make_trainer", "retryable", "one_line", "train_loop_per_worker",
            "train_with_ray", "worker_resources", "absolute_data_paths"]

@@ -26,16 +26,30 @@ How a sweep runs
   values are always real probe scores and TPE ranks cut-short trials below finished ones by
   how far they got (their per-epoch intermediate values). MLflow never gets a stand-in under
   the metric's name.
-* Resume (``--resume``): ``Tuner.restore(sweep_dir, trainable=..., resume_errored=True)``
-  restores trials, searcher and scheduler; the Optuna study lives in sqlite, finished trials
-  are never re-run and an in-process trial that had already finished but whose completion
-  the killed driver had not yet saved re-reports its stored final numbers instead of training
-  again. Train runs inside trials resume by ``(storage_path, trial id)``.
+* Failures: a trial whose process or node is lost (or that hits an I/O error) is retried up to
+  ``scaling.max_failures`` times; a failure that another attempt cannot fix (divergence, a
+  config or data error, a bug) ends the trial "failed" at once, in one console line, with the
+  traceback kept in its result and MLflow run (:func:`rrscale.scale.train.retryable`).
+* Resume (``--resume``, with the experiment file or the sweep folder, which keeps the resolved
+  ``experiment.yaml``): ``Tuner.restore(sweep_dir, trainable=..., resume_errored=False)``
+  restores trials and searcher (Ray does not save the scheduler). A driver killed at any instant
+  leaves Tune's snapshot (saved every ~2 s) behind the Optuna study and MLflow; the trial folders
+  say first how each trial ended (:mod:`rrscale.scale.trial_record`), so on resume a trial that
+  had ended re-reports that ending instead of training, :class:`RRSearch` does not tell Optuna
+  twice and hands Optuna trials the snapshot lost to the replacement trials, and
+  :class:`SweepTracker` closes MLflow runs of trials Tune no longer knows. Train runs inside
+  trials resume by ``(storage_path, trial id)``.
+* Concurrency: one process per sweep (an ``fcntl`` lock on the sweep folder,
+  :mod:`rrscale.scale.sweep_dir`); two sweeps on one machine get two dashboard ports
+  (:mod:`rrscale.scale.cluster`) and share a new ``mlflow.db`` safely (its tables are created
+  under a lock, :mod:`rrscale.tracking.mlflow`).
 * Tracking: :class:`SweepTracker` (a Tune callback on the driver) calls
   :mod:`rrscale.tracking.mlflow`: one parent run per sweep (its params: the search space), a
   child run per trial named by what was sampled; :class:`RRSearch` names the Optuna objective
   and tags each Optuna trial with its Tune trial id, the tracker adds its MLflow run id. When
   the sweep ends, :func:`rrscale.tracking.report.attach_report` attaches the report and plots.
+  Trials cut short by Ctrl-C end "interrupted". The console shows :mod:`rrscale.scale.progress`'s
+  live view instead of Tune's tables, then the trials and the commands to run next.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -55,7 +70,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from rrscale.config import ConfigError, ExperimentConfig
-from rrscale.scale import space
+from rrscale.scale import space, sweep_dir, trial_record
 from rrscale.tracking.naming import STOPPED_EARLY
 
 EXIT_OK = 0
@@ -254,51 +269,48 @@ def _trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], opts: dict[str, Any]) -> None:
-    """The Tune function trainable: one trial of the sweep."""
+def rrscale_trial(config: dict[str, Any], base: dict[str, Any], opts: dict[str, Any]) -> None:
+    """The Tune function trainable: one trial of the sweep. (Its name is what Ray shows for the
+    trial processes: "(rrscale_trial pid=...)" in forwarded logs, the actors' repr in the dashboard.)
+
+    A trial that had already ended before the driver died reports that ending again (see
+    :mod:`rrscale.scale.trial_record`). A failure that another attempt cannot fix ends the trial
+    as "failed" with its report (one line; the traceback travels in the report) instead of an
+    exception, so Tune does not retry it; lost processes and I/O errors raise and are retried.
+    """
+    import traceback
+
     import ray.tune
 
     from rrscale.engine.loop import pick_device, run_experiment
     from rrscale.methods import TrainingDiverged
-    from rrscale.scale.train import (
-        DIVERGED_FILE,
-        FINAL_FILE,
-        RayHooks,
-        ReportShape,
-        TrialDiverged,
-        _fit,
-        _set_threads,
-        checkpoint_file,
-        make_trainer,
-    )
+    from rrscale.scale.train import RayHooks, ReportShape, _fit, _set_threads, make_trainer, one_line, retryable
 
     trial_id = ray.tune.get_context().get_trial_id()
-    exp = space.trial_config(base, config, source=f"trial {trial_id}")
+    ended = trial_record.ending_of(f"{opts['trial_root']}/{trial_id}")
+    if ended is not None:
+        ray.tune.report({**ended[1], "replayed": True})
+        return
     shape = ReportShape(metric=opts["metric"], schedule_metric=opts["schedule_metric"])
-    ckpt = ray.tune.get_checkpoint()
-    failed = checkpoint_file(ckpt, DIVERGED_FILE)
-    if failed is not None:
-        raise TrialDiverged(str(failed.get("error", "training diverged")))
-    done = checkpoint_file(ckpt, FINAL_FILE)
-    if done is not None:  # finished before the driver died: say so again, do not retrain
-        ray.tune.report(done)
-        return
-    if opts["mode"] == "trainer":
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        trainer = make_trainer(exp, max(1, exp.scaling.num_workers), storage_path=opts["train_storage"],
-                               name=trial_id, shape=shape, tag=trial_id, callbacks=[TuneReportCallback()])
-        summary = _fit(trainer)
-        if summary.get("status") != "ok":
-            raise TrialDiverged(str(summary.get("error", "training failed")))
-        return
-    _set_threads(opts["cpus"])
     hooks = RayHooks("tune", shape=shape, tag=trial_id)
     try:
+        exp = space.trial_config(base, config, source=f"trial {trial_id}")
+        if opts["mode"] == "trainer":
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            trainer = make_trainer(exp, max(1, exp.scaling.num_workers), storage_path=opts["train_storage"],
+                                   name=trial_id, shape=shape, tag=trial_id, callbacks=[TuneReportCallback()])
+            summary = _fit(trainer)
+            if summary.get("status") != "ok":
+                hooks.report_failure(str(summary.get("error", "training failed")), str(summary.get("traceback", "")))
+            return
+        _set_threads(opts["cpus"])
         run_experiment(exp, hooks=hooks, device=pick_device(exp.train.device))
-    except TrainingDiverged as exc:
-        hooks.report_failure(str(exc))
-        raise TrialDiverged(str(exc)) from None
+    except Exception as exc:
+        if retryable(exc):
+            raise
+        plain = isinstance(exc, (TrainingDiverged, ConfigError))
+        hooks.report_failure(str(exc) if plain else one_line(exc), traceback.format_exc())
 
 
 # ----------------------------------------------------------------------------- tracking
@@ -324,8 +336,17 @@ class RRSearch(OptunaSearch):
     whose last result is not the final one is told as PRUNED: Optuna's TPE keeps using it
     (pruned trials rank below every complete one, ordered by how far they got and their last
     intermediate value, which are the per-epoch stand-ins reported along the way), and only
-    finished trials carry COMPLETE values of ``tune.metric``.
+    finished trials carry COMPLETE values of ``tune.metric``; a trial that failed is FAIL.
+
+    After a resume it also reconciles itself with the study, which is newer than the pickled
+    searcher state when the driver died between the two (:meth:`restore`), and it records each
+    trial's ending in the trial's folder *before* telling Optuna (:mod:`rrscale.scale.trial_record`).
     """
+
+    def __init__(self, *args: Any, trial_root: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trial_root = trial_root
+        self._orphans: list[int] = []
 
     def _setup_study(self, mode: Any) -> None:
         super()._setup_study(mode)
@@ -334,7 +355,29 @@ class RRSearch(OptunaSearch):
                 warnings.simplefilter("ignore")
                 self._ot_study.set_metric_names([self._metric])
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore, then: trials Optuna already saw end are not told again (telling a
+        finished Optuna trial raises), and Optuna trials asked for after the snapshot, whose Tune
+        trials the snapshot lacks, are handed to the next new Tune trials (same sampled values)
+        instead of staying RUNNING forever."""
+        import optuna
+
+        super().restore(checkpoint_path)
+        states = {t.number: t for t in self._ot_study.get_trials(deepcopy=False)}
+        known = set()
+        for tune_id, ot_trial in self._ot_trials.items():
+            known.add(ot_trial.number)
+            frozen = states.get(ot_trial.number)
+            if frozen is not None and frozen.state.is_finished():
+                self._completed_trials.add(tune_id)
+        self._orphans = [t._trial_id for n, t in sorted(states.items())
+                         if n not in known and t.state == optuna.trial.TrialState.RUNNING]
+
     def suggest(self, trial_id: str) -> dict | None:
+        import optuna
+
+        if trial_id not in self._ot_trials and getattr(self, "_orphans", None):
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:  # so an Optuna trial can be traced to its Tune trial (and MLflow run)
@@ -344,6 +387,8 @@ class RRSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna
 
+        if trial_id in self._completed_trials:  # a re-reported ending after a resume
+            return
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -352,9 +397,30 @@ class RRSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result is not None and not error and not result.get("final"):
+        if self.trial_root:
+            trial_record.record_ending(f"{self.trial_root}/{trial_id}", result, error)
+        if trial_id in self._completed_trials:
+            return
+        failed = error or (result or {}).get("status") == "failed"
+        if result is not None and (failed or not result.get("final")):
             result = {k: v for k, v in result.items() if k != self.metric}
-        super().on_trial_complete(trial_id, result=result, error=error)
+        super().on_trial_complete(trial_id, result=result, error=failed)
+
+
+def close_lost_optuna_trials(db: Path, study_name: str) -> int:
+    """Fail the Optuna trials still RUNNING after a sweep ran to its end: trials asked for just
+    before the driver died that no Tune trial took over. Returns how many."""
+    import optuna
+
+    if not db.exists():
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    lost = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in lost:
+        study._storage.set_trial_user_attr(t._trial_id, "rrscale.status", "lost: the driver stopped before "
+                                           "Ray Tune saved this trial")
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(lost)
 
 
 def link_optuna_trial(storage: Any, study_name: str, trial_id: str, attrs: dict[str, str]) -> None:
@@ -402,6 +468,7 @@ class SweepTracker(Callback):
         self.checkpoints: dict[str, str] = {}
         self.datasets: dict[str, dict[str, Any]] = {}
         self.logged_datasets: set[str] = set()
+        self.strays_closed = False
 
     def _load(self) -> None:
         try:
@@ -516,12 +583,13 @@ class SweepTracker(Callback):
             return
         self.ended.add(trial.trial_id)
         last = dict(trial.last_result or {})
+        failed = failed or last.get("status") == "failed"  # a failure the trial reported, not retried
         final = bool(last.get("final")) and last.get("status", "ok") == "ok"
         summary: dict[str, Any] = _numbers(last, self.metric) if final else {}
         if not final and isinstance(last.get(ONLINE_PROBE), float):
             summary[ONLINE_PROBE] = last[ONLINE_PROBE]  # a stopped trial's probe-like score: its last epoch's
         summary.pop("startup_seconds", None)
-        for key in ("error", "device", "config_hash", "torch"):
+        for key in ("error", "traceback", "device", "config_hash", "torch"):
             if isinstance(last.get(key), str):
                 summary[key] = last[key]
         seconds = float(last.get("time_total_s", 0.0) or 0.0)
@@ -556,12 +624,45 @@ class SweepTracker(Callback):
         tracking.end_trial(run, summary, status, ckpt_dir if not failed else None, description=description,
                            tracking_uri=self.uri or None)
 
+    def close_strays(self, trials: list) -> None:
+        """Once per driver: close the child runs of trials that Tune's state does not hold (the
+        driver died after MLflow heard of them but before Tune's snapshot saved them)."""
+        from rrscale.tracking import mlflow as tracking
+
+        self.strays_closed = True
+        if not self.parent:
+            self._load()
+        tracking.close_stray_trials(self.parent, {t.trial_id for t in trials}, tracking_uri=self.uri or None)
+
+    def interrupted(self, trials: list) -> None:
+        """Trials that never ended (Ctrl-C stops them without telling anyone): "interrupted"."""
+        from rrscale.tracking import mlflow as tracking
+        from rrscale.tracking import naming
+
+        for trial in trials:
+            run = self.runs.get(trial.trial_id, "")
+            if run and trial.trial_id not in self.ended:
+                self.ended.add(trial.trial_id)
+                epochs = int((trial.last_result or {}).get("epoch", 0) or 0)
+                description = naming.describe_trial(dict(trial.config), naming.INTERRUPTED, metric=self.metric,
+                                                    epochs=epochs,
+                                                    of_epochs=self.datasets.get(trial.trial_id, {}).get("epochs"))
+                tracking.end_trial(run, {"stopped_at_epoch": epochs}, "interrupted", None, description=description,
+                                   tracking_uri=self.uri or None)
+
     # Tune's hooks ---------------------------------------------------------------
 
     def setup(self, **info: Any) -> None:
         self._load()
         if self.parent:
             self._describe_parent()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self.strays_closed:
+            self.close_strays(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.interrupted(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trial_start(trial)
@@ -596,14 +697,29 @@ def sweep_paths(cfg: ExperimentConfig, path: Path) -> tuple[str, str, Path]:
     """(sweep name, Tune storage path, local sweep folder for optuna.db and the summaries).
 
     ``tune.storage_path`` defaults to ``./runs/tune``; with a URI (``s3://...``) the local
-    folder is ``./.rrscale/sweeps/<name>``.
+    folder is ``~/.rrscale/sweeps/<name>-<8 hex digits of the URI>``: the same from every working
+    directory (a resumed ``ray job submit`` entrypoint runs in a new one), one per storage.
     """
+    import hashlib
+
     name = cfg.tune.name or Path(path).stem
     storage = cfg.tune.storage_path or str(Path("runs") / "tune")
     if "://" in storage:
-        return name, storage, (Path(".rrscale") / "sweeps" / name).resolve()
+        digest = hashlib.sha1(storage.rstrip("/").encode()).hexdigest()[:8]
+        return name, storage, Path.home() / ".rrscale" / "sweeps" / f"{name}-{digest}"
     storage = str(Path(storage).expanduser().resolve())
     return name, storage, Path(storage) / name
+
+
+def sweep_exists(storage: str, name: str) -> bool:
+    """Whether Tune saved a sweep ``name`` in ``storage`` (a local path or a URI)."""
+    import pyarrow.fs
+
+    fs, root = trial_record.storage_fs(f"{storage.rstrip('/')}/{name}/tuner.pkl")
+    try:
+        return fs.get_file_info(root).type == pyarrow.fs.FileType.File
+    except OSError:
+        return False
 
 
 def _err(msg: str) -> int:
@@ -617,6 +733,8 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from rrscale.scale.progress import SweepProgress
     from rrscale.scale.train import absolute_data_paths
 
     t = cfg.tune
@@ -628,23 +746,26 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     per_cpu, per_gpu = trial_resources(cfg, mode)
     max_conc = max(1, concurrency(cfg, cpus, gpus, mode))
     per_epoch, at_end = known_metrics(cfg)
+    experiment = f"{storage.rstrip('/')}/{name}"
     opts = {"metric": t.metric, "schedule_metric": t.schedule_metric, "mode": mode,
-            "train_storage": f"{storage.rstrip('/')}/{name}/train", "cpus": per_cpu}
+            "train_storage": f"{experiment}/train", "trial_root": experiment, "cpus": per_cpu}
     resources = ({"cpu": per_cpu, "gpu": per_gpu} if mode == "inprocess"
                  else {"cpu": TRIAL_DRIVER_CPU, "memory": TRIAL_DRIVER_MEMORY})
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, opts=opts), resources)
+    trainable = tune.with_resources(tune.with_parameters(rrscale_trial, base=base, opts=opts), resources)
+    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
     facts = {"name": name, "storage": storage, "local": local, "mode": mode, "max_concurrent": max_conc,
-             "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base}
-    if resume:
-        return tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=trainable, resume_errored=True), facts
+             "cpus_per_trial": per_cpu, "gpus_per_trial": per_gpu, "base": base, "experiment": experiment}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if resume:
+        # Errored trials stay failed: Optuna recorded them as FAIL, and what could succeed on
+        # another attempt was retried already (scaling.max_failures).
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False), facts
     with warnings.catch_warnings():  # group=True is "experimental" in Optuna 5; we rely on it on purpose
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=t.seed, multivariate=True, group=True)
     storage_db = optuna.storages.RDBStorage(f"sqlite:///{local / 'optuna.db'}")
     searcher = RRSearch(space=space.define_by_run(cfg.search, base), metric=t.metric, mode=t.mode,
-                            sampler=sampler, study_name=name, storage=storage_db)
-    max_epochs = max(int(v) for v in _extremes(cfg, "train.epochs", cfg.train.epochs))
+                        sampler=sampler, study_name=name, storage=storage_db, trial_root=experiment)
     if t.scheduler == "asha":
         scheduler: Any = ASHAScheduler(time_attr="epoch", metric=t.schedule_metric,
                                        mode=per_epoch[t.schedule_metric], max_t=max(t.grace_period, max_epochs - 1),
@@ -654,6 +775,11 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
         scheduler = FIFOScheduler()
     tracker = SweepTracker(str(local / STATE_FILE), base, per_cpu, per_gpu, mode, t.metric,
                            tuple(sorted(asha_stop_epochs(cfg))))
+    progress = SweepProgress(num_samples=t.num_samples, epochs=max_epochs, concurrency=max_conc, metric=t.metric,
+                             mode=t.mode, schedule_metric=t.schedule_metric)
+    # Tune retries a trial whose process or node was lost (and I/O errors); the trial itself
+    # ends failures that a retry cannot fix without raising (see rrscale_trial). A Train trial's
+    # workers are retried by Ray Train (scaling.max_failures) instead.
     failures = cfg.scaling.max_failures if mode == "inprocess" else 0
     tuner = tune.Tuner(
         trainable,
@@ -662,10 +788,10 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
                                     trial_name_creator=_trial_dirname,
                                     reuse_actors=mode == "inprocess"),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[tracker],
+            name=name, storage_path=storage, callbacks=[tracker, progress],
             failure_config=tune.FailureConfig(max_failures=failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=int(os.environ.get("RRSCALE_TUNE_VERBOSE", "1")),
+            verbose=int(os.environ.get("RRSCALE_TUNE_VERBOSE", "0")),
         ),
     )
     return tuner, facts
@@ -701,38 +827,39 @@ def asha_stop_epochs(cfg: ExperimentConfig) -> set[int]:
     return {math.ceil(t.grace_period * t.reduction_factor**k - 1e-9) for k in range(rungs)}
 
 
-def was_interrupted(results: Any, cfg: ExperimentConfig) -> bool:
-    """Tune turns Ctrl-C into a graceful stop and returns normally. A sweep was cut short when
-    fewer trials ended than asked, or when a trial ended neither finished, failed, nor at an
-    epoch where ASHA could have stopped it."""
-    if results.num_terminated + results.num_errors < cfg.tune.num_samples:
-        return True
-    stops = asha_stop_epochs(cfg)
-    for r in results:
-        m = r.metrics or {}
-        if r.error is None and not m.get("final") and int(m.get("epoch", 0) or 0) not in stops:
-            return True
-    return False
+def _ended_on_record(facts: dict[str, Any], trial_id: str) -> bool:
+    """Whether the driver recorded that the trial ended (RRSearch does, for every trial)."""
+    return trial_record.read_json(f"{facts['experiment']}/{trial_id}/{trial_record.ENDED_FILE}") is not None
 
 
 def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: float,
-              interrupted: bool = False) -> dict[str, Any]:
+              since: float = 0.0) -> dict[str, Any]:
     """Rows per trial, the best finished trial, and counts; writes trials.csv/sweep.json.
 
-    After an interrupt Tune reports the trials it stopped like ASHA's; those rows say
-    ``unfinished`` (``--resume`` continues the ones ASHA had not stopped).
+    Tune turns Ctrl-C into a graceful stop and reports the trials it stopped like ASHA's; a
+    trial that ended neither finished nor failed and has no record of its ending
+    (:mod:`rrscale.scale.trial_record`) was ``interrupted`` (``--resume`` continues it), and so
+    is the sweep then, or when fewer trials exist than ``tune.num_samples``.
+    ``trials_per_hour`` counts the trials that ended (finished or stopped early) during this
+    command (reports after ``since``, not re-reported endings) per hour of ``wall``; it is
+    absent when none did.
     """
     t = cfg.tune
     rows = []
+    ended_here = 0
     for r in results:
         m = r.metrics or {}
         real = m.get("metric_source", t.metric) == t.metric  # not an epoch's stand-in
         trial_id = m.get("trial_id") or Path(str(r.path)).name
         status = _status_of(r)
-        if interrupted and status == STOPPED_EARLY:
-            status = "unfinished"
+        if status == STOPPED_EARLY and not _ended_on_record(facts, trial_id):
+            status = "interrupted"
+        if (status in ("finished", STOPPED_EARLY) and float(m.get("timestamp", 0) or 0) >= since
+                and not m.get("replayed")):
+            ended_here += 1
         rows.append({"trial_id": trial_id, "status": status,
-                     "epochs": m.get("epochs", m.get("epoch", 0)), t.metric: m.get(t.metric) if real else None,
+                     "epochs": m.get("epochs", m.get("epoch", 0)),
+                     t.metric: m.get(t.metric) if real and status == "finished" else None,
                      "knn_top1": m.get("knn_top1"), "seconds": m.get("time_total_s"),
                      "startup_seconds": _first(r, "startup_seconds"),
                      **{k: v for k, v in (r.config or {}).items()}})
@@ -740,10 +867,13 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
     sign = 1 if t.mode == "max" else -1
     best = max(finished, key=lambda row: sign * float(row[t.metric])) if finished else None
     counts = {s.replace(" ", "_"): sum(1 for row in rows if row["status"] == s)
-              for s in ("finished", STOPPED_EARLY, "failed", "unfinished")}
-    summary = {"trials": len(rows), **counts, "wall_seconds": wall,
-               "trials_per_hour": len(rows) / wall * 3600 if wall > 0 else 0.0,
-               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"], "mode": t.mode}
+              for s in ("finished", STOPPED_EARLY, "failed", "interrupted")}
+    summary: dict[str, Any] = {"trials": len(rows), **counts, "wall_seconds": wall,
+                               "max_concurrent_trials": facts["max_concurrent"], "trial_mode": facts["mode"],
+                               "mode": t.mode}
+    summary["interrupted_sweep"] = bool(counts["interrupted"]) or len(rows) < t.num_samples
+    if ended_here and wall > 0:
+        summary["trials_per_hour"] = ended_here / wall * 3600
     best_config: dict[str, Any] = {}
     if best is not None:
         summary[f"best_{t.metric}"] = best[t.metric]
@@ -770,6 +900,9 @@ def _shown(value: Any) -> str:
 
 
 def _print_table(summary: dict[str, Any], metric: str) -> None:
+    """The trials, best first, and one line of counts."""
+    from rrscale.scale.progress import format_duration, sampled_text
+
     sign = -1 if summary.get("mode", "max") == "max" else 1
 
     def order(r: dict[str, Any]) -> tuple:
@@ -779,32 +912,95 @@ def _print_table(summary: dict[str, Any], metric: str) -> None:
     extra = "" if metric == "knn_top1" else f" {'knn_top1':>9}"
     print(f"{'trial':<10} {'status':<14} {'epochs':>6} {metric:>11}{extra}  sampled")
     for r in sorted(summary["rows"], key=order):
-        sampled = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if "." in k)
         knn = "" if metric == "knn_top1" else f" {_shown(r.get('knn_top1')):>9}"
-        print(f"{r['trial_id']:<10} {r['status']:<14} {r['epochs']!s:>6} {_shown(r.get(metric)):>11}{knn}  {sampled}")
-    unfinished = f", {summary['unfinished']} unfinished" if summary.get("unfinished") else ""
-    print(f"{summary['trials']} trials: {summary['finished']} finished, {summary['stopped_early']} stopped early "
-          f"by ASHA, {summary['failed']} failed{unfinished}; {summary['trials_per_hour']:.1f} trials/hour")
+        print(f"{r['trial_id']:<10} {r['status']:<14} {r['epochs']!s:>6} {_shown(r.get(metric)):>11}{knn}  "
+              f"{sampled_text(r)}")
+    parts = [f"{summary['finished']} finished", f"{summary['stopped_early']} stopped early",
+             f"{summary['failed']} failed"]
+    if summary.get("interrupted"):
+        parts.append(f"{summary['interrupted']} interrupted")
+    rate = f", {summary['trials_per_hour']:.0f} trials/hour" if "trials_per_hour" in summary else ""
+    print(f"{summary['trials']} trials: {', '.join(parts)}; {format_duration(summary['wall_seconds'])}{rate}")
 
 
-def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, requested_mode: str = "auto") -> int:
-    """Run (or with ``resume`` continue) the sweep of ``path``; returns the exit code."""
-    from rrscale.scale import cluster
+def resolved_experiment(cfg: ExperimentConfig, path: Path) -> ExperimentConfig:
+    """``cfg`` with what a new shell would not know filled in: absolute data paths, the sweep's
+    name and storage, and the tracking URI (an absolute sqlite path by default)."""
+    from rrscale.config import validate
+    from rrscale.scale.train import absolute_data_paths
+    from rrscale.tracking.mlflow import resolve_tracking_uri
 
+    name, storage, _ = sweep_paths(cfg, path)
+    raw = absolute_data_paths(cfg).model_dump(mode="json", by_alias=True, exclude_none=True)
+    raw["tune"].update({"name": name, "storage_path": storage})
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    if "@" not in uri.split("://", 1)[-1].split("/", 1)[0]:  # never write credentials into a file
+        raw["mlflow"]["tracking_uri"] = uri
+    return validate(raw, str(path))
+
+
+def run_tune(cfg: ExperimentConfig, path: Path, resume: bool = False, *, requested_mode: str = "auto",
+             overrides: list[str] | tuple[str, ...] = ()) -> int:
+    """Run (or with ``resume`` continue) the sweep of ``path``; returns the exit code.
+
+    Before Ray starts: the storage folder must be writable, the sweep must (not) exist, and no
+    other process may be running it (:class:`~rrscale.scale.sweep_dir.SweepLock`, held until
+    the sweep ends). The resolved experiment is kept in the sweep folder
+    (``experiment.yaml``), so the printed follow-up commands work in a new shell.
+    """
     path = Path(path)
     name, storage, local = sweep_paths(cfg, path)
-    exists = (local / "tuner.pkl").exists()
-    if resume and not exists:
-        return _err(f"{path}: tune.name: expected an existing sweep '{name}' to resume in {storage} (none found)")
-    if not resume and exists:
-        return _err(f"{path}: tune.name: sweep '{name}' already exists in {storage}; expected --resume to "
-                    f"continue it or another tune.name (--set tune.name=...)")
-    info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard)
+    try:
+        sweep_dir.check_storage(storage, str(path))
+    except ConfigError as exc:
+        return _err(str(exc))
+
+    def wrong_state() -> str:
+        exists = sweep_exists(storage, name)
+        if resume and not exists:
+            return f"{path}: tune.name: expected an existing sweep '{name}' to resume in {storage} (none found)"
+        if not resume and exists:
+            return (f"{path}: tune.name: sweep '{name}' already exists in {storage}; expected --resume to "
+                    f"continue it (rrscale tune --resume {local}) or another tune.name (--set tune.name=...)")
+        return ""
+
+    if wrong_state():  # checked before the lock too, so that a refused command creates nothing
+        return _err(wrong_state())
+    try:
+        with sweep_dir.SweepLock(local):
+            if wrong_state():
+                return _err(wrong_state())
+            return _start(cfg, path, resume, requested_mode, overrides)
+    except sweep_dir.SweepBusy as exc:
+        return _err(f"{path}: tune.name: sweep '{name}' is running in another process ({exc}); expected it "
+                    f"to end first, or another tune.name (--set tune.name=...)")
+    except KeyboardInterrupt:  # Ctrl-C before Tune took over (Ray or MLflow starting)
+        print(f"rrscale: sweep '{name}' interrupted before it started", file=sys.stderr)
+        return 130
+
+
+def _start(cfg: ExperimentConfig, path: Path, resume: bool, requested_mode: str,
+           overrides: list[str] | tuple[str, ...]) -> int:
+    """Under the sweep's lock: keep the resolved experiment, start (or join) Ray, run the sweep."""
+    from rrscale.scale import cluster
+    from rrscale.tracking import mlflow as tracking
+
+    name, _, local = sweep_paths(cfg, path)
+    cfg = resolved_experiment(cfg, path)
+    sweep_dir.write_experiment(cfg, local, source=path, overrides=list(overrides))
+    tracking.quiet_logs()
+    tracking.bounded_http_retries()
+    info = cluster.start_or_join(num_cpus=cfg.tune.num_cpus or None, dashboard=cfg.tune.dashboard,
+                                 job_name=f"rrscale tune {name}")
     print(info.describe(), flush=True)
-    # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping);
-    # the forced snapshots after trial checkpoints are wanted, not a bottleneck here.
+    # Snapshot the experiment state often (a killed driver loses at most ~2 s of bookkeeping, and
+    # the trial records make up for that); the forced snapshots after trial checkpoints are
+    # wanted, not a bottleneck here.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console output (experiment table, TensorBoard hint) comes even at verbose=0 from its
+    # "new output" engine; the classic reporter is silent at 0, and SweepProgress prints instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         return _sweep(cfg, path, resume, info, requested_mode)
     finally:
@@ -831,44 +1027,57 @@ def sweep_description(cfg: ExperimentConfig, name: str) -> str:
 
 
 def _sweep(cfg: ExperimentConfig, path: Path, resume: bool, info: Any, requested_mode: str) -> int:
+    from rrscale.scale import progress
+    from rrscale.tracking import links
     from rrscale.tracking import mlflow as tracking
     from rrscale.tracking.report import attach_report
 
     name, storage, local = sweep_paths(cfg, path)
-    local.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    uri = cfg.mlflow.tracking_uri or tracking.resolve_tracking_uri("")
     parent = tracking.start_sweep(cfg.mlflow.experiment, uri, name, path, sweep_params(cfg), resume,
                                   description=sweep_description(cfg, name))
     (local / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri, "name": name}))
     tuner, facts = build_tuner(cfg, path, resume=resume, cpus=info.cpus, gpus=info.gpus,
                                requested_mode=requested_mode)
     asha = f", ASHA on {cfg.tune.schedule_metric}" if cfg.tune.scheduler == "asha" else ""
-    print(f"rrscale: sweep '{name}' in {storage}/{name}: {cfg.tune.num_samples} trials, "
-          f"{facts['max_concurrent']} at a time ({facts['mode']}), metric {cfg.tune.metric} ({cfg.tune.mode}){asha}",
-          flush=True)
+    print(f"rrscale: sweep '{name}' in {local}: {cfg.tune.num_samples} trials, {facts['max_concurrent']} at a "
+          f"time ({facts['mode']}), metric {cfg.tune.metric} ({cfg.tune.mode}){asha}", flush=True)
+    if parent:
+        print(f"mlflow: experiment '{cfg.mlflow.experiment}' at {uri}, parent run {parent}", flush=True)
+    resume_hint = f"rrscale tune --resume {shlex.quote(str(local))}"
     tic = time.time()
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
-        tracking.finish_sweep(parent, {"interrupted": 1}, {}, [], status="KILLED", tracking_uri=uri)
-        print(f"rrscale: sweep '{name}' interrupted; continue it with: rrscale tune {path} --resume",
-              file=sys.stderr)
+        tracking.finish_sweep(parent, {}, {}, [], status="interrupted", tracking_uri=uri)
+        print(f"rrscale: sweep '{name}' interrupted; continue it with: {resume_hint}", file=sys.stderr)
         return 130
-    interrupted = was_interrupted(results, cfg)
-    summary = summarize(results, cfg, facts, time.time() - tic, interrupted)
+    summary = summarize(results, cfg, facts, time.time() - tic, since=tic)
+    interrupted = summary["interrupted_sweep"]
+    if not interrupted:
+        lost = close_lost_optuna_trials(local / "optuna.db", name)
+        if lost:
+            print(f"rrscale: {lost} Optuna trial(s) asked for just before an earlier driver died were never "
+                  "run; marked FAIL in the study", flush=True)
+    print()
     _print_table(summary, cfg.tune.metric)
+    if interrupted:
+        print(f"rrscale: sweep '{name}' interrupted; its unfinished trials continue on --resume")
     artifacts = [p for p in (local / "trials.csv", local / "sweep.json") if p.exists()]
     tracking.finish_sweep(parent, {k: v for k, v in summary.items() if k not in ("rows", "best_config")},
-                          summary["best_config"], artifacts, status="KILLED" if interrupted else "FINISHED",
+                          summary["best_config"], artifacts, status="interrupted" if interrupted else "FINISHED",
                           tracking_uri=uri)
     attach_report(parent, uri)
-    if interrupted:
-        print(f"rrscale: sweep '{name}' interrupted; continue it with: rrscale tune {path} --resume",
-              file=sys.stderr)
-        return 130
     best = next((r for r in summary["rows"] if r["trial_id"] == summary.get("best_trial_id")), None)
     if best is not None:
-        sets = " ".join(f"--set {k}={v}" for k, v in best.items() if "." in k)
-        print(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f}; "
-              f"run it alone with: rrscale train {path} {sets}")
+        print(f"best trial {best['trial_id']}: {cfg.tune.metric} {best[cfg.tune.metric]:.4f} "
+              f"({progress.sampled_text(best)})")
+    for line in progress.next_steps(
+            experiment=cfg.mlflow.experiment, sweep=name, tracking_uri=uri if parent else "",
+            ui_url=links.comparison_url(parent, uri) if parent else "", experiment_file=local / sweep_dir.EXPERIMENT_FILE,
+            best={k: v for k, v in best.items() if "." in k} if best is not None else None,
+            resume=resume_hint if interrupted else ""):
+        print(line)
+    if interrupted:
+        return 130
     return EXIT_OK if summary["finished"] else EXIT_TRAINING_FAILED

@@ -12,11 +12,23 @@ warning through :mod:`logging` and returns something harmless: run ids are ``""`
 backend is down, and every function that takes a run id does nothing for ``""``.
 
 A dead HTTP server is the expensive failure: MLflow's client retries 7 times with exponential
-back-off (about 4 minutes per call by default). So when a call fails *slowly*
-(:data:`SLOW_FAILURE_S` or more), the URI is considered down for :data:`COOLDOWN_S` seconds
-and calls against it are skipped (one warning) instead of stalling the driver epoch after
-epoch. Lower ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT`` in the
-driver's environment to fail faster still.
+back-off, about 4 minutes per call on a refused connection. So:
+
+* :func:`start_sweep` first checks that an HTTP(S) server answers at all (a TCP connection and
+  one GET within :data:`REACH_TIMEOUT_S`); when it does not, it says so once and the sweep runs
+  untracked;
+* :func:`bounded_http_retries` lowers MLflow's retries and time-out for the driver (unless the
+  user set them), so one failing call costs seconds;
+* a call that fails without an answer from the server (no :class:`RestException`) makes the
+  module check the server again; a server that is gone is marked down for :data:`COOLDOWN_S`
+  seconds (one warning), calls against it are skipped, and after that the next call checks
+  again, so tracking resumes when the server is back. A call that fails slowly for any other
+  reason (:data:`SLOW_FAILURE_S` or more) trips the same breaker.
+
+A sqlite store is created (tables, migrations) by the first client of a process; two sweeps
+starting together on a new ``mlflow.db`` would race on that and one would lose its record, so
+the first client of a sqlite URI is made under an exclusive ``fcntl`` lock on
+``<db>.lock`` next to the database.
 
 The functions that take only a run id find its tracking URI in a small in-process map filled
 by :func:`start_sweep` / :func:`start_trial` (falling back to :func:`resolve_tracking_uri`
@@ -30,21 +42,28 @@ This module must not import ray: the Ray side calls it with plain dicts.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import logging
 import numbers
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.exceptions import RestException
 from mlflow.tracking import MlflowClient
 
 from rrscale import __version__
@@ -67,7 +86,15 @@ KEY_LIMIT = 250
 #: A failure that took at least this long (retries, time-outs) marks the URI as down ...
 SLOW_FAILURE_S = 5.0
 #: ... for this many seconds, during which calls against it are skipped.
-COOLDOWN_S = 60.0
+COOLDOWN_S = 30.0
+#: How long the reachability check of an HTTP(S) tracking server may take.
+REACH_TIMEOUT_S = 3.0
+#: MLflow's HTTP client settings for the driver, unless the environment sets them: two retries
+#: (about 2-4 s on a refused connection instead of ~4 minutes) and a 30 s socket time-out.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+#: How long to wait for another process that is creating the same sqlite store.
+STORE_LOCK_TIMEOUT_S = 120.0
 
 ROLE_TAG = "rrscale.role"
 SWEEP_TAG = "rrscale.sweep"
@@ -101,6 +128,8 @@ _lock = threading.Lock()
 _clients: dict[str, MlflowClient] = {}
 _run_uri: dict[str, str] = {}
 _down_until: dict[str, float] = {}
+_logged_through: dict[str, int] = {}
+_had_metrics: dict[str, dict[str, float]] = {}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -132,9 +161,79 @@ def _client(uri: str) -> MlflowClient:
     with _lock:
         client = _clients.get(uri)
         if client is None:
-            client = MlflowClient(tracking_uri=uri)
+            with store_lock(uri):  # the client creates (or upgrades) the store's tables
+                client = MlflowClient(tracking_uri=uri)
             _clients[uri] = client
         return client
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` for a sqlite URI (nothing for other stores): the one
+    process that holds it creates or upgrades the tables, the others wait and then find them.
+    Where the lock cannot be taken (a read-only folder, a time-out) it goes on without it."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(db.with_name(db.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("MLflow: %s stays locked by another process; going on without the lock", db)
+                    break
+                time.sleep(0.1)
+        yield
+    finally:
+        fh.close()  # closing releases the lock
+
+
+def bounded_http_retries() -> None:
+    """Set :data:`HTTP_DEFAULTS` in this process' environment where the user did not choose
+    (MLflow reads them at every request). For the Tune driver: one call against a dead server
+    must cost seconds, not the default ~4 minutes of back-off."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_logs() -> None:
+    """MLflow's and alembic's INFO lines (table creation, migrations, "View run at") say
+    nothing a user can act on; keep their warnings and errors. urllib3's "Retrying ..."
+    warnings under MLflow's HTTP client repeat what :func:`_guard` says once."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def unreachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> str:
+    """Why an HTTP(S) tracking server cannot be reached (one line), or ``""`` when it answers
+    (any HTTP status counts as an answer) or the URI is not HTTP(S)."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot connect to {parsed.hostname}:{port} ({exc.strerror or type(exc).__name__})"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:
+        return f"no answer from {uri} within {timeout:g} s ({_short(exc)})"
+    return ""
 
 
 def _remember(run_id: str, uri: str) -> None:
@@ -158,23 +257,34 @@ def _short(exc: BaseException) -> str:
 
 
 def _guard(uri: str, what: str, default: T, fn: Callable[[], T]) -> T:
-    """Run ``fn``; on failure log one warning and return ``default``; trip the breaker on slow ones."""
+    """Run ``fn``; on failure log one warning and return ``default``. A server that stopped
+    answering, or a failure that took :data:`SLOW_FAILURE_S`, marks ``uri`` down (see the
+    module doc)."""
     now = time.monotonic()
     with _lock:
-        until = _down_until.get(uri, 0.0)
-    if now < until:
-        log.debug("MLflow %s skipped: %s marked unreachable for another %.0f s", what, uri, until - now)
-        return default
+        until = _down_until.get(uri)
+    if until is not None:
+        if now < until:
+            log.debug("MLflow %s skipped: %s marked unreachable", what, uri)
+            return default
+        if unreachable(uri):
+            with _lock:
+                _down_until[uri] = time.monotonic() + COOLDOWN_S
+            return default
+        with _lock:
+            _down_until.pop(uri, None)
+        log.warning("MLflow: %s answers again; tracking resumes (runs miss what happened meanwhile)", uri)
     tic = time.monotonic()
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - tracking must never kill training
         took = time.monotonic() - tic
-        if took >= SLOW_FAILURE_S:
+        why = "" if isinstance(exc, RestException) else unreachable(uri)
+        if why or took >= SLOW_FAILURE_S:
             with _lock:
                 _down_until[uri] = time.monotonic() + COOLDOWN_S
-            log.warning("MLflow %s failed after %.0f s (%s); skipping MLflow calls to %s for %.0f s; "
-                        "training continues", what, took, _short(exc), uri, COOLDOWN_S)
+            log.warning("MLflow %s failed after %.0f s (%s); the sweep goes on without MLflow while %s "
+                        "does not answer", what, took, why or _short(exc), uri)
         else:
             log.warning("MLflow %s failed (%s); training continues without it", what, _short(exc))
         return default
@@ -406,6 +516,13 @@ def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file
     (params it lacks are added); a new one is created only when none exists.
     """
     uri = tracking_uri or resolve_tracking_uri("")
+    why = unreachable(uri)
+    if why:
+        with _lock:
+            _down_until[uri] = time.monotonic() + COOLDOWN_S
+        log.warning("MLflow: the tracking server %s is unreachable (%s); the sweep goes on without MLflow "
+                    "tracking", uri, why)
+        return ""
 
     def body() -> str:
         client = _client(uri)
@@ -467,6 +584,10 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
                 client.update_run(run_id, status="RUNNING")
             flat = _new_params(client, run_id, flat)
             _remember(run_id, uri)
+            logged = _last_logged_step(client, run)
+            with _lock:
+                _logged_through[run_id] = logged
+                _had_metrics[run_id] = dict(run.data.metrics)
             _log_batch(client, run_id, params=flat, tags=now)
             return run_id
         all_tags = {**_source_tags(), **{_key(k): _tag_value(v) for k, v in tags.items()}, **now}
@@ -490,6 +611,8 @@ def log_epoch(run_id: str, metrics: dict[str, Any], step: int, *, tracking_uri: 
     if not run_id:
         return
     uri = _uri_for(run_id, tracking_uri)
+    if int(step) <= _logged_through.get(run_id, -1):
+        return  # a resumed trial repeats an epoch the run already holds
     curves = {naming.epoch_metric(k): v for k, v in metrics.items() if k not in naming.NOT_CURVES}
     batch = _metrics(curves, step)
     if not batch:
@@ -548,6 +671,10 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
         return
     uri = _uri_for(run_id, tracking_uri)
     metrics, tags = naming.split_final(summary)
+    with _lock:
+        had = _had_metrics.pop(run_id, {})
+    # a trial that re-reports its ending after a resume: values the run holds already stay single
+    metrics = {k: v for k, v in metrics.items() if had.get(_key(k)) != _number(v)}
     for key, value in summary.items():
         if isinstance(value, str) and key != "status" and value:
             tags[_key(f"rrscale.{key}")] = _tag_value(value)
@@ -594,6 +721,51 @@ def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[
         _guard(uri, "finish_sweep (artifacts)", None,
                lambda: _log_artifact_paths(client, parent_run_id, list(artifacts), "finish_sweep"))
     _guard(uri, "finish_sweep (terminate)", None, lambda: client.set_terminated(parent_run_id, final))
+
+
+def close_stray_trials(parent_run_id: str, keep: set[str], *, tracking_uri: str | None = None) -> list[str]:
+    """Delete the RUNNING child runs of ``parent_run_id`` whose trial id is not in ``keep``.
+
+    They belong to trials that Ray Tune's last snapshot did not hold when the driver died: Tune
+    starts replacements for them (the Optuna study hands them the same sampled values), so the
+    stray runs would only show every such trial twice. Each is tagged (``rrscale.status=lost``),
+    closed as KILLED, then deleted (MLflow keeps deleted runs until ``mlflow gc``). Returns the
+    trial ids closed.
+    """
+    if not parent_run_id:
+        return []
+    uri = _uri_for(parent_run_id, tracking_uri)
+
+    def body() -> list[str]:
+        client = _client(uri)
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        runs = _search_all(client, [exp_id], f"tags.{PARENT_TAG} = '{parent_run_id}' and "
+                                             "attributes.status = 'RUNNING'")
+        closed = []
+        for run in runs:
+            trial = run.data.tags.get(TRIAL_TAG, "")
+            if trial in keep:
+                continue
+            client.set_tag(run.info.run_id, STATUS_TAG, "lost")
+            client.set_tag(run.info.run_id, NOTE_TAG, "Lost: the driver stopped before Ray Tune saved this "
+                           "trial; the resumed sweep ran its sampled values again as a new trial.")
+            client.set_terminated(run.info.run_id, "KILLED")
+            client.delete_run(run.info.run_id)
+            closed.append(trial)
+        if closed:
+            log.info("MLflow: closed %d run(s) of trials lost with the driver: %s", len(closed), ", ".join(closed))
+        return closed
+
+    return _guard(uri, "close_stray_trials", [], body)
+
+
+def _last_logged_step(client: MlflowClient, run: Any) -> int:
+    """The last epoch a run holds per-epoch curves for (-1 for none), from one curve's history."""
+    keys = sorted(k for k in run.data.metrics if k.startswith(naming.EPOCH_PREFIX))
+    if not keys:
+        return -1
+    history = client.get_metric_history(run.info.run_id, keys[0])
+    return max((int(m.step) for m in history), default=-1)
 
 
 def set_experiment_tag(tracking_uri: str, experiment_id: str, key: str, value: str) -> None:
