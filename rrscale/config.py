@@ -116,6 +116,9 @@ class GediConfig(_Section):
     beta: float = Field(0.1, ge=0.0)
     lambda_gen: float = Field(1.0, ge=0.0)
     projector_width: int = Field(2048, ge=1)
+    projector_norm: Literal["backbone", "batch", "group", "none"] = Field(
+        "backbone", description="normalisation after the projector's hidden Linear; 'backbone' = backbone.norm"
+    )
     divergence_limit: float = Field(1.0e4, gt=0.0)
     sgld: SGLDConfig = Field(default_factory=SGLDConfig)
 
@@ -279,6 +282,17 @@ class ExperimentConfig(_Section):
             kind = "mlp for the vector datasets" if vector else "an image backbone (not mlp) for image data"
             raise ValueError(f"backbone.name: {kind}")
         return self
+
+    def resolved_method(self) -> MethodConfig:
+        """``method`` with its references to other sections resolved, as the method class needs it.
+
+        GEDI's ``projector_norm: backbone`` becomes ``backbone.norm``. The reference stays in the
+        config itself (config.json, MLflow params) so that a sweep varying ``backbone.norm`` moves
+        the projector's norm with it.
+        """
+        if isinstance(self.method, GediConfig) and self.method.projector_norm == "backbone":
+            return self.method.model_copy(update={"projector_norm": self.backbone.norm})
+        return self.method
 
     def training_dict(self) -> dict[str, Any]:
         """The part that determines a training run (no search/tune/mlflow/scaling)."""

@@ -10,14 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from rrscale.config import BackboneConfig, GediConfig, SGLDConfig
+from rrscale.config import BackboneConfig, GediConfig, SGLDConfig, load_config
 from rrscale.data.toy import make_circles, make_moons
 from rrscale.engine.clustering import auroc, cluster_acc, contingency, kmeans, nmi
 from rrscale.methods.base import Method, TrainingDiverged
+from rrscale.methods import build_method
 from rrscale.methods.gedi import (
     Gedi,
+    assignment_summary,
     generative_loss,
     invariance_loss,
+    marginal_entropy,
     shuffle_pixels,
     uniformity_loss,
 )
@@ -27,6 +30,7 @@ from rrscale.nets.backbones import build_backbone
 
 def _mlp_gedi(clusters: int = 4, lambda_gen: float = 0.0, dim: int = 2, **kw: object) -> Gedi:
     sgld = kw.pop("sgld", {"steps": 3, "buffer_size": 64, "step_size": 0.01})
+    kw.setdefault("projector_norm", "batch")
     cfg = GediConfig(clusters=clusters, lambda_gen=lambda_gen, projector_width=16, sgld=sgld, **kw)
     return Gedi(cfg, build_backbone(BackboneConfig(name="mlp", mlp_width=16, mlp_depth=2), None, dim))
 
@@ -124,7 +128,7 @@ def test_lambda_gen_adds_generative_term_with_one_sampler_call() -> None:
     assert torch.allclose(loss.detach(), two_term + 0.5 * metrics["gen"], atol=1e-5)
     assert metrics["gen"].item() == pytest.approx(-(metrics["lse_data"] - metrics["lse_sample"]).item(), abs=1e-5)
     assert all(not v.requires_grad for v in metrics.values())
-    assert {"loss", "unif", "inv", "gen", "lse_data", "lse_sample", "clusters_used"} <= set(metrics)
+    assert {"loss", "unif", "inv", "gen", "lse_data", "lse_sample", "marginal_entropy"} <= set(metrics)
 
 
 def test_gradients_reach_both_views_through_the_model() -> None:
@@ -139,6 +143,106 @@ def test_sgld_batch_size_config_is_used() -> None:
     model = _mlp_gedi(lambda_gen=1.0, sgld={"steps": 2, "buffer_size": 64, "batch_size": 5, "step_size": 0.01})
     model(_two_views(), 8)
     assert model.sampler is not None and model.sampler.drawn == 5
+
+
+# ---------------------------------------------------------------- projector norm and collapse metrics
+
+
+def _norm_layers(module: nn.Module) -> list[type]:
+    return [type(m) for m in module.modules() if isinstance(m, (nn.BatchNorm1d, nn.GroupNorm, nn.LayerNorm))]
+
+
+@pytest.mark.parametrize(
+    ("backbone_norm", "projector_norm", "expected"),
+    [
+        ("batch", None, [nn.BatchNorm1d]),  # the default follows backbone.norm
+        ("group", None, [nn.GroupNorm]),
+        ("none", None, []),
+        ("batch", "none", []),
+        ("none", "batch", [nn.BatchNorm1d]),
+        ("batch", "group", [nn.GroupNorm]),
+    ],
+)
+def test_projector_norm_switch_builds_its_layers(backbone_norm: str, projector_norm: str | None,
+                                                 expected: list[type]) -> None:
+    sets = ["data.name=synthetic", "method.name=gedi", "method.projector_width=32", "method.clusters=8",
+            f"backbone.norm={backbone_norm}"]
+    if projector_norm is not None:
+        sets.append(f"method.projector_norm={projector_norm}")
+    cfg = load_config(None, sets)
+    assert cfg.method.projector_norm == (projector_norm or "backbone")  # the reference stays in the config
+    model = build_method(cfg, 3, None)
+    assert _norm_layers(model.projector) == expected
+    assert model(torch.rand(8, 3, 16, 16) * 2 - 1, 4)[0].isfinite()
+
+
+def test_unresolved_projector_norm_is_refused() -> None:
+    with pytest.raises(ValueError, match="projector_norm"):
+        Gedi(GediConfig(), build_backbone(BackboneConfig(name="mlp"), None, 2))
+
+
+def test_marginal_entropy_closed_forms() -> None:
+    c = 16
+    assert marginal_entropy(torch.zeros(5, c)).item() == pytest.approx(math.log(c), abs=1e-5)  # uniform posteriors
+    assert marginal_entropy(50.0 * torch.eye(c)).item() == pytest.approx(math.log(c), abs=1e-4)  # balanced one-hot
+    one_cluster = torch.full((7, c), -50.0)
+    one_cluster[:, 3] = 50.0
+    assert marginal_entropy(one_cluster).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.full((4, c), -50.0)
+    half[:2, 0], half[2:, 1] = 50.0, 50.0
+    assert marginal_entropy(half).item() == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_assignment_summary_closed_forms() -> None:
+    assert assignment_summary(torch.tensor([0.0, 12.0, 0.0])) == {"train_clusters_used": 1.0,
+                                                                  "train_top_cluster_share": 1.0}
+    assert assignment_summary(torch.tensor([3.0, 1.0, 0.0, 4.0])) == {"train_clusters_used": 3.0,
+                                                                      "train_top_cluster_share": 0.5}
+
+
+def test_clusters_used_counts_the_whole_epoch_not_a_batch_average() -> None:
+    model = _mlp_gedi(clusters=8)
+    with torch.no_grad():  # a fixed assignment: cluster = index of the largest input coordinate
+        model.backbone = nn.Identity()
+        model.projector = nn.Linear(8, 8, bias=False)
+        model.projector.weight.copy_(torch.eye(8))
+    for b in range(4):  # 4 batches, each putting its 2 x 2 views into two clusters of its own
+        x = torch.full((2, 8), -1.0)
+        x[0, 2 * b], x[1, 2 * b + 1] = 1.0, 1.0
+        model(torch.cat([x, x]), 2)
+    assert model.end_epoch(lambda t: t) == {"train_clusters_used": 8.0, "train_top_cluster_share": 0.125}
+    assert model.last_epoch_clusters_used == 8
+    assert model.end_epoch(lambda t: t)["train_clusters_used"] == 0.0  # reset after each epoch
+
+
+def test_collapse_to_one_cluster_is_flagged() -> None:
+    model = _mlp_gedi(clusters=4)
+    with torch.no_grad():
+        model.projector[-1].weight.zero_()
+        model.projector[-1].bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0]))
+    loss, metrics = model(_two_views(), 8)
+    assert metrics["marginal_entropy"].item() < 0.2
+    epoch = model.end_epoch(lambda t: t)
+    assert epoch == {"train_clusters_used": 1.0, "train_top_cluster_share": 1.0}
+    x, y = make_moons(100, seed=0)
+    out = model.eval().extra_evaluation(torch.from_numpy(x), torch.from_numpy(y), None)
+    assert out["clusters_used"] == 1.0 and out["collapsed"] == 1.0
+    with torch.no_grad():  # the same model, now splitting the data by the sign of x: not collapsed
+        model.backbone, model.projector = nn.Identity(), nn.Linear(2, 4, bias=False)
+        model.projector.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    model.last_epoch_clusters_used = 2
+    out = model.extra_evaluation(torch.from_numpy(x), torch.from_numpy(y), None)
+    assert out["clusters_used"] == 2.0 and out["collapsed"] == 0.0
+    model.last_epoch_clusters_used = 1  # collapsed in training, even if the test split looks split
+    assert model.extra_evaluation(torch.from_numpy(x), torch.from_numpy(y), None)["collapsed"] == 1.0
+
+
+def test_collapse_metrics_are_accepted_tune_metrics() -> None:
+    from rrscale.scale.tune import known_metrics
+
+    per_epoch, at_end = known_metrics(load_config(None, ["data.name=moons", "method.name=gedi"]))
+    assert {"marginal_entropy", "train_clusters_used", "train_top_cluster_share"} <= set(per_epoch)
+    assert {"collapsed", "clusters_used", "nmi"} <= set(at_end)
 
 
 # ---------------------------------------------------------------- (b) SGLD
@@ -289,7 +393,8 @@ def test_extra_evaluation_vectors(tmp_path: Path) -> None:
 
 
 def test_extra_evaluation_images_with_named_ood(tmp_path: Path) -> None:
-    cfg = GediConfig(clusters=3, lambda_gen=0.0, projector_width=8, sgld={"steps": 2, "step_size": 0.01})
+    cfg = GediConfig(clusters=3, lambda_gen=0.0, projector_width=8, projector_norm="group",
+                     sgld={"steps": 2, "step_size": 0.01})
     model = Gedi(cfg, build_backbone(BackboneConfig(name="conv4", norm="group"), 1, None)).train()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(20, 1, 8, 8, generator=g) * 2 - 1

@@ -270,6 +270,9 @@ def fit(
             images = int(totals[0].item())
             epoch_metrics: dict[str, Any] = {"epoch": epoch + 1}
             epoch_metrics.update({m: float(totals[i + 1] / max(images, 1)) for i, m in enumerate(names)})
+            end_epoch = getattr(unwrap(model), "end_epoch", None)
+            if end_epoch is not None:  # method-level epoch metrics (GEDI: clusters used over the epoch)
+                epoch_metrics.update(end_epoch(dist.sum_across))
             epoch_metrics["images_per_s"] = images / max(seconds, 1e-9)
             epoch_metrics["epoch_seconds"] = seconds
             train_seconds += seconds
