@@ -43,6 +43,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -324,7 +325,7 @@ class Gedi(nn.Module):
             self._save_samples(x_test, Path(out_dir) / "sgld_samples.png")
         return out
 
-    def _plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
+    def plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
         """``count`` samples: the persistent chains if training used them, else short-run SGLD from noise."""
         if self.sampler is not None and self.sampler.buffer is not None:
             return self.sampler.sample(self, self.lse, min(count, self.cfg.sgld.buffer_size), like)
@@ -332,45 +333,50 @@ class Gedi(nn.Module):
             start = uniform_noise((count, *like.shape[1:]), like.device)
             return langevin(self.lse, start, self.cfg.sgld.steps, self.cfg.sgld.step_size, self.cfg.sgld.noise)
 
+    def draw_plane(self, ax: Any, x: torch.Tensor, title: str) -> None:
+        """On matplotlib axes ``ax``: vector points ``x`` ``(N, d)`` coloured by cluster and SGLD
+        samples as black crosses (first two coordinates); for 2-D data also the energy landscape
+        (LSE, dark = low energy) as filled contours.
+        """
+        samples = self.plot_samples(x, PLOT_SAMPLES * 8).float().cpu().numpy()
+        pts_t = x[:PLOT_POINTS]
+        with eval_mode(self):
+            clusters = self._scores(pts_t)[0].cpu().numpy()
+        pts = pts_t.float().cpu().numpy()
+        if pts.shape[1] == 2:
+            lo = np.minimum(pts.min(0), samples.min(0)) - 0.5
+            hi = np.maximum(pts.max(0), samples.max(0)) + 0.5
+            gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
+            grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=x.dtype, device=x.device)
+            with eval_mode(self):
+                field = self._scores(grid)[1].cpu().numpy().reshape(gx.shape)
+            ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
+        ax.scatter(pts[:, 0], pts[:, 1], c=clusters % 10, s=4, cmap="tab10", vmin=0, vmax=9,
+                   label="test data (colour: cluster)")
+        ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
+        ax.legend(loc="upper right", fontsize="small")
+        ax.set_title(title)
+
     def _save_samples(self, x_test: torch.Tensor, path: Path) -> None:
         """Write the sample figure atomically: an image grid, or samples and clusters over 2-D data."""
         from matplotlib.figure import Figure
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
         if x_test.dim() == 4:
-            samples = self._plot_samples(x_test, PLOT_SAMPLES).float().clamp(-1, 1).add(1).div(2).cpu().numpy()
+            samples = self.plot_samples(x_test, PLOT_SAMPLES).float().clamp(-1, 1).add(1).div(2).cpu().numpy()
             side = int(math.ceil(math.sqrt(len(samples))))
             c, h, w = samples.shape[1:]
             grid = np.ones((side * h, side * w, c), dtype=np.float32)
             for i, img in enumerate(samples):
                 r, col = divmod(i, side)
                 grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img.transpose(1, 2, 0)
-            fig = Figure(figsize=(6, 6))
-            ax = fig.subplots()
             ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None)
             ax.set_axis_off()
             ax.set_title("GEDI SGLD samples")
         else:
-            samples = self._plot_samples(x_test, PLOT_SAMPLES * 8).float().cpu().numpy()
-            pts_t = x_test[:PLOT_POINTS]
-            with eval_mode(self):
-                clusters = self._scores(pts_t)[0].cpu().numpy()
-            pts = pts_t.float().cpu().numpy()
-            fig = Figure(figsize=(6, 6))
-            ax = fig.subplots()
-            if pts.shape[1] == 2:
-                lo = np.minimum(pts.min(0), samples.min(0)) - 0.5
-                hi = np.maximum(pts.max(0), samples.max(0)) + 0.5
-                gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
-                grid_pts = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=x_test.dtype, device=x_test.device)
-                with eval_mode(self):
-                    field = self._scores(grid_pts)[1].cpu().numpy().reshape(gx.shape)
-                ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
-            ax.scatter(pts[:, 0], pts[:, 1], c=clusters % 10, s=4, cmap="tab10", vmin=0, vmax=9,
-                       label="test data (colour: cluster)")
-            ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
-            ax.legend(loc="upper right")
-            ax.set_title("GEDI: SGLD samples over data (shading: LSE)")
+            self.draw_plane(ax, x_test, "GEDI: SGLD samples over data (shading: LSE)")
         tmp = path.with_name(path.name + ".tmp.png")
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
