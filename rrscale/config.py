@@ -11,7 +11,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import math
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -205,6 +207,10 @@ class SearchAxis(_Section):
             raise ValueError("loguniform: a positive low bound")
         if self.log and self.integer is not None and self.integer[0] <= 0:
             raise ValueError("int with log: a positive low bound")
+        for key, want in self.when.items():
+            problem = when_problem(want)
+            if problem:
+                raise ValueError(f"when.{key}: {problem} (got {brief(want)})")
         return self
 
     @property
@@ -222,6 +228,67 @@ class SearchAxis(_Section):
 
 
 _AXIS_KINDS = {"choice": "choice", "uniform": "uniform", "loguniform": "loguniform", "int": "integer"}
+_SCALARS = (str, int, float, bool, type(None))
+#: The comparisons a ``when:`` condition may use besides plain equality (``{key: value}``).
+WHEN_COMPARISONS = ("gt", "ge", "lt", "le")
+WHEN_OPERATORS = ("eq", "ne", *WHEN_COMPARISONS, "in")
+_WHEN_FORM = "a value, or {op: operand} with op in " + "|".join(WHEN_OPERATORS) + " (numbers for gt/ge/lt/le, a list for in)"
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` for error lines: never expands more than a few levels or items of a value."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxtuple = 2, 4, 4, 4
+    short.maxstring = short.maxother = short.maxlong = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def when_problem(want: Any) -> str:
+    """Why ``want`` is not a valid ``when:`` condition, or ``""`` when it is."""
+    if isinstance(want, _SCALARS):
+        return ""
+    if not isinstance(want, dict) or not want:
+        return f"expected {_WHEN_FORM}"
+    for op, operand in want.items():
+        if op not in WHEN_OPERATORS:
+            return f"expected {_WHEN_FORM}; unknown operator {brief(op)}"
+        if op in WHEN_COMPARISONS and not (_is_number(operand) and math.isfinite(operand)):
+            return f"expected a finite number for {op}"
+        if op in ("eq", "ne") and not isinstance(operand, _SCALARS):
+            return f"expected one value for {op}"
+        if op == "in" and not (isinstance(operand, list) and operand and all(isinstance(v, _SCALARS) for v in operand)):
+            return "expected a non-empty list of values for in"
+    return ""
+
+
+def when_holds(want: Any, actual: Any) -> bool:
+    """Whether ``actual`` meets one ``when:`` condition: equality with a value, or every ``{op: operand}``.
+
+    Comparisons hold only for numbers (never for booleans or strings), so ``{gt: 0}`` on a key that
+    is absent or not numeric is simply false.
+    """
+    if not isinstance(want, dict):
+        return actual == want
+    for op, operand in want.items():
+        if op == "eq":
+            ok = actual == operand
+        elif op == "ne":
+            ok = actual != operand
+        elif op == "in":
+            ok = actual in operand
+        elif not _is_number(actual):
+            ok = False
+        else:
+            ok = {"gt": actual > operand, "ge": actual >= operand, "lt": actual < operand,
+                  "le": actual <= operand}[op]
+        if not ok:
+            return False
+    return True
 
 
 class TuneConfig(_Section):
@@ -342,13 +409,16 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of nested ``base`` with dotted ``params`` set, in order.
+    """A copy of nested ``base`` with dotted ``params`` set.
 
-    Switching ``method.name`` to another method replaces the whole ``method`` section: the other
-    method's keys would be unknown there, and the new method starts from its own defaults.
+    ``method.name`` is applied first, whatever its position in ``params``: switching to another
+    method replaces the whole ``method`` section (the other method's keys would be unknown there,
+    and the new method starts from its own defaults), and the other sampled ``method.*`` values
+    then land in the new section instead of being wiped by the switch.
     """
     out = json.loads(json.dumps(base))
-    for path, value in params.items():
+    ordered = sorted(params.items(), key=lambda item: item[0] != "method.name")
+    for path, value in ordered:
         if path == "method.name" and value != (out.get("method") or {}).get("name"):
             out["method"] = {}
         set_dotted(out, path, value)
@@ -427,9 +497,65 @@ def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
     return cfg
 
 
+def _method_names(cfg: ExperimentConfig) -> list[str]:
+    """The methods a trial of this sweep can run: the choices of a ``method.name`` axis, else the base's."""
+    axis = cfg.search.get("method.name")
+    if axis is not None and axis.choice is not None:
+        return [str(v) for v in axis.choice]
+    return [cfg.method.name]
+
+
+def _condition_values(cfg: ExperimentConfig, path: str, flat: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """Values that make every ``when:`` condition of axis ``path`` hold in the experiment ``flat``
+    (flattened, one method's defaults), or ``None`` when the conditions cannot hold there.
+
+    Candidates for a condition on ``key`` are the base value, the operands themselves and, when
+    ``key`` is searched, its axis' extremes and midpoint; the first that meets the condition is used.
+    """
+    chosen: dict[str, Any] = {}
+    for key, want in cfg.search[path].when.items():
+        if key == "method.name":
+            if not when_holds(want, flat.get(key)):
+                return None
+            continue
+        if key not in flat:  # a key of another method: the condition never holds for this one
+            return None
+        candidates: list[Any] = [flat[key]]
+        other = cfg.search.get(key)
+        if other is not None:
+            if not isinstance(want, dict):
+                candidates.insert(0, want)
+            else:
+                candidates += [want[op] for op in ("eq", "ge", "le") if op in want] + list(want.get("in", []))
+            candidates.extend(other.extremes())
+            if other.bounds is not None:
+                candidates.append((other.bounds[0] + other.bounds[1]) / 2)
+        hit = next((c for c in candidates if when_holds(want, c)), _MISSING)
+        if hit is _MISSING:
+            if other is not None:
+                raise ConfigError(f"{source}: search.{path}.when.{key}: expected a condition that some value of "
+                                  f"search.{key} meets (got {brief(want)})")
+            return None
+        chosen[key] = hit
+    return chosen
+
+
+_MISSING = object()
+
+
 def _check_search(cfg: ExperimentConfig, source: str) -> None:
-    """Each axis must name a real key, and each extreme value must give a valid experiment."""
+    """Each axis must name a real key, and each of its extreme values must give a valid experiment
+    under every method a trial may run while the axis' ``when:`` conditions hold. So a sampled value is
+    always applied as written, or the sweep is refused here, before anything starts."""
     base = cfg.model_dump(mode="json", exclude={"search"})
+    methods = _method_names(cfg)
+    flats = {}
+    for name in methods:
+        try:
+            flats[name] = flatten(ExperimentConfig.model_validate(apply_params(base, {"method.name": name}))
+                                  .training_dict())
+        except ValidationError:
+            flats[name] = flatten(apply_params(base, {"method.name": name}))
     for path, axis in cfg.search.items():
         section = path.split(".")[0]
         if section in ("search", "tune", "mlflow", "scaling") or "." not in path:
@@ -437,16 +563,28 @@ def _check_search(cfg: ExperimentConfig, source: str) -> None:
         for cond in axis.when:
             if "." not in cond:
                 raise ConfigError(f"{source}: search.{path}.when.{cond}: expected a dotted key such as method.name")
-        for value in axis.extremes():
-            trial = apply_params(base, {**axis.when, path: value})
-            try:
-                ExperimentConfig.model_validate(trial)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                _, expected = _describe(err)
-                if err.get("type") == "extra_forbidden":
-                    expected = "a key that exists in the experiment schema"
-                raise ConfigError(f"{source}: search.{path}: value {value!r} is invalid: expected {expected}") from None
+        settings = []  # (what the axis' conditions fix, the method named in the error or "")
+        for name in methods:
+            fixed = _condition_values(cfg, path, flats[name], source)
+            if fixed is not None:
+                switch = {} if path == "method.name" else {"method.name": name}
+                settings.append(({**switch, **fixed}, name if len(methods) > 1 and switch else ""))
+        if not settings:  # inactive in this sweep (e.g. a GEDI-only axis in an RR sweep): still a valid axis
+            settings.append(({k: v for k, v in axis.when.items() if not isinstance(v, dict)}, ""))
+        for fixed, method in settings:
+            for value in axis.extremes():
+                try:
+                    ExperimentConfig.model_validate(apply_params(base, {**fixed, path: value}))
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    expected = ("a key that exists in the experiment schema" if err.get("type") == "extra_forbidden"
+                                else _describe(err)[1])
+                    under = ""
+                    if method:
+                        under = f" with method.name {method}"
+                        expected += "; gate the axis with when: {method.name: ...} to the methods it applies to"
+                    raise ConfigError(f"{source}: search.{path}: value {brief(value)} is invalid{under}: "
+                                      f"expected {expected}") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -195,3 +195,120 @@ def test_shipped_search_spaces_sample_valid_experiments(name: str) -> None:
     for params, exp in space.sample_configs(cfg, 6, seed=1):
         assert set(params) <= set(cfg.search)
         assert exp.method.name == cfg.method.name
+
+
+# ----------------------------------------------------------------------------- when: operators
+
+
+@pytest.mark.parametrize(
+    ("want", "actual", "holds"),
+    [
+        (0.5, 0.5, True), ("gedi", "relational", False),
+        ({"gt": 0}, 0.25, True), ({"gt": 0}, 0.0, False), ({"ge": 0}, 0.0, True),
+        ({"lt": 1, "gt": 0}, 0.5, True), ({"lt": 1, "gt": 0}, 1.0, False), ({"le": 8}, 8, True),
+        ({"ne": "cat"}, "max", True), ({"ne": "cat"}, "cat", False), ({"eq": 4}, 4, True),
+        ({"in": ["cat", "sum"]}, "sum", True), ({"in": ["cat", "sum"]}, "max", False),
+        ({"gt": 0}, True, False), ({"gt": 0}, "1", False), ({"gt": 0}, None, False),
+    ],
+)
+def test_when_conditions_compare_as_written(want: object, actual: object, holds: bool) -> None:
+    from rrscale.config import when_holds
+
+    assert when_holds(want, actual) is holds
+
+
+GEDI_CONTINUOUS = {
+    "method.lambda_gen": {"choice": [0.0, 0.5, 1.0]},
+    "method.sgld.steps": {"int": [2, 8], "when": {"method.lambda_gen": {"gt": 0}}},
+    "method.sgld.step_size": {"loguniform": [0.01, 1.0], "when": {"method.lambda_gen": {"gt": 0}}},
+    "method.beta": {"uniform": [0.05, 1.0]},
+}
+
+
+def test_sgld_axes_are_gated_on_a_comparison_with_lambda_gen() -> None:
+    cfg = _cfg(GEDI_CONTINUOUS, method={"name": "gedi", "clusters": 10})
+    base = space.base_dict(cfg)
+    study = _study(seed=2)
+    seen = set()
+    for _ in range(16):
+        trial = study.ask()
+        params = space.suggest(trial, cfg.search, base)
+        lam = params["method.lambda_gen"]
+        seen.add(lam > 0)
+        exp = space.trial_config(base, params)
+        sgld_axes = {"method.sgld.steps", "method.sgld.step_size"}
+        assert (sgld_axes <= set(params)) == (lam > 0)
+        assert not (sgld_axes & set(params)) or exp.method.sgld.steps == params["method.sgld.steps"]
+        study.tell(trial, lam)
+    assert seen == {True, False}
+
+
+def test_a_continuous_lambda_gen_gates_sgld_axes_by_its_sampled_value() -> None:
+    search = {**GEDI_CONTINUOUS, "method.lambda_gen": {"uniform": [0.0, 1.0]},
+              "method.sgld.noise": {"uniform": [0.001, 0.03], "when": {"method.lambda_gen": {"gt": 0.5}}}}
+    cfg = _cfg(search, method={"name": "gedi", "clusters": 10})
+    base = space.base_dict(cfg)
+    study = _study(seed=4)
+    for _ in range(12):
+        trial = study.ask()
+        params = space.suggest(trial, cfg.search, base)
+        assert ("method.sgld.noise" in params) == (params["method.lambda_gen"] > 0.5)
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        ({"method.lambda_gen": {"gt": "zero"}}, "expected a finite number for gt"),
+        ({"method.lambda_gen": {"above": 0}}, "unknown operator"),
+        ({"method.lambda_gen": {"in": []}}, "expected a non-empty list of values for in"),
+        ({"method.lambda_gen": [0, 1]}, "expected a value, or {op: operand}"),
+        ({"method.lambda_gen": {"gt": 2}}, "expected a condition that some value of search.method.lambda_gen meets"),
+    ],
+)
+def test_bad_when_conditions_are_one_line_errors(when: dict, expected: str) -> None:
+    search = {"method.lambda_gen": {"uniform": [0.0, 1.0]}, "method.sgld.steps": {"int": [2, 8], "when": when}}
+    with pytest.raises(ConfigError) as info:
+        _cfg(search, method={"name": "gedi", "clusters": 10})
+    message = str(info.value)
+    assert expected in message and message.startswith("test.yaml: search.method.sgld.steps") and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- order never changes what runs
+
+
+@pytest.mark.parametrize("k_first", [True, False])
+def test_an_ungated_rr_axis_beside_a_method_switch_is_refused_up_front_in_either_order(k_first: bool) -> None:
+    axes = [("method.K", {"choice": [4, 8]}), ("method.name", {"choice": ["relational", "gedi"]})]
+    search = dict(axes if k_first else axes[::-1])
+    with pytest.raises(ConfigError) as info:
+        _cfg(search)
+    message = str(info.value)
+    assert "search.method.K: value 4 is invalid with method.name gedi" in message
+    assert "gate the axis with when: {method.name: ...}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("k_first", [True, False])
+def test_a_gated_axis_is_applied_as_sampled_whatever_the_listing_order(k_first: bool) -> None:
+    axes = [("method.K", {"choice": [4, 8], "when": {"method.name": "relational"}}),
+            ("method.name", {"choice": ["relational", "gedi"]})]
+    cfg = _cfg(dict(axes if k_first else axes[::-1]), method={"name": "gedi"})
+    base = space.base_dict(cfg)
+    study = _study(seed=1)
+    names = set()
+    for _ in range(10):
+        trial = study.ask()
+        params = space.suggest(trial, cfg.search, base)
+        exp = space.trial_config(base, params)
+        names.add(exp.method.name)
+        assert exp.method.K == (params["method.K"] if exp.method.name == "relational" else 2)
+        study.tell(trial, 0.0)
+    assert names == {"relational", "gedi"}
+
+
+def test_apply_params_switches_the_method_before_setting_its_keys() -> None:
+    from rrscale.config import apply_params
+
+    base = space.base_dict(_cfg({"train.lr": {"loguniform": [1e-4, 1e-2]}}, method={"name": "gedi"}))
+    out = apply_params(base, {"method.K": 4, "method.aggregation": "max", "method.name": "relational"})
+    assert out["method"] == {"name": "relational", "K": 4, "aggregation": "max"}

@@ -1,10 +1,14 @@
 """The YAML ``search:`` section as an Optuna define-by-run function.
 
 Each axis ``dotted.path: {choice|uniform|loguniform|int, log?, when?}`` becomes one
-``trial.suggest_*`` call named by its dotted path. An axis with ``when: {other.key: value}``
-is only sampled when every condition holds for the configuration built so far (the base
-experiment plus the axes sampled before it), so GEDI-only axes are absent from RR trials and
-Optuna's multivariate TPE (``group=True``) models each conditional group on its own.
+``trial.suggest_*`` call named by its dotted path. An axis with ``when:`` is only sampled when
+every condition holds for the configuration built so far (the base experiment plus the axes
+sampled before it). A condition is ``other.key: value`` (equality) or ``other.key: {op: operand}``
+with ``eq``, ``ne``, ``gt``, ``ge``, ``lt``, ``le`` or ``in`` (:func:`rrscale.config.when_holds`),
+e.g. SGLD axes gated on ``{method.lambda_gen: {gt: 0}}``. So GEDI-only axes are absent from RR
+trials and Optuna's multivariate TPE (``group=True``) models each conditional group on its own.
+Whether every sampled value can be applied is checked before a sweep starts
+(``rrscale.config._check_search``); a ``method.name`` axis is applied before the other axes.
 
 Pure Optuna + config: no Ray here, so the unit tests drive it with ``study.ask()``/``tell()``.
 """
@@ -24,7 +28,16 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from rrscale.config import ConfigError, ExperimentConfig, SearchAxis, apply_params, flatten, validate
+from rrscale.config import (
+    ConfigError,
+    ExperimentConfig,
+    SearchAxis,
+    apply_params,
+    brief,
+    flatten,
+    validate,
+    when_holds,
+)
 
 _SCALAR = (str, int, float, bool, type(None))
 
@@ -73,8 +86,8 @@ def axis_order(search: Mapping[str, SearchAxis]) -> list[str]:
 
 
 def condition_holds(axis: SearchAxis, values: Mapping[str, Any]) -> bool:
-    """All of ``axis.when``'s ``dotted.key: value`` pairs equal the flattened ``values``."""
-    return all(key in values and values[key] == want for key, want in axis.when.items())
+    """Every condition of ``axis.when`` holds for the flattened ``values`` (an absent key never matches)."""
+    return all(key in values and when_holds(want, values[key]) for key, want in axis.when.items())
 
 
 def _flat_with_defaults(nested: dict[str, Any]) -> dict[str, Any]:
@@ -162,15 +175,11 @@ def check_space(search: Mapping[str, SearchAxis], source: str) -> None:
         for cond, want in axis.when.items():
             if cond == path:
                 raise ConfigError(f"{source}: search.{path}.when.{cond}: expected a condition on another key")
-            if not isinstance(want, _SCALAR):
-                raise ConfigError(
-                    f"{source}: search.{path}.when.{cond}: expected one value to compare with (got {want!r})"
-                )
             other = search.get(cond)
-            if other is not None and other.choice is not None and want not in other.choice:
+            if other is not None and other.choice is not None and not any(when_holds(want, c) for c in other.choice):
                 raise ConfigError(
                     f"{source}: search.{path}.when.{cond}: expected one of the choices of search.{cond} "
-                    f"{other.choice} (got {want!r})"
+                    f"{brief(other.choice)} (got {brief(want)})"
                 )
     try:
         axis_order(search)
