@@ -121,6 +121,7 @@ class GediConfig(_Section):
     projector_norm: Literal["backbone", "batch", "group", "none"] = Field(
         "backbone", description="normalisation after the projector's hidden Linear; 'backbone' = backbone.norm"
     )
+    energy_reg: float = Field(0.0, ge=0.0, description="weight of mean LSE^2 of data and samples (Du & Mordatch)")
     divergence_limit: float = Field(1.0e4, gt=0.0)
     sgld: SGLDConfig = Field(default_factory=SGLDConfig)
 

@@ -135,6 +135,17 @@ def generative_loss(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.T
     return -(lse_data.float().mean() - lse_sample.float().mean())
 
 
+def energy_magnitude(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.Tensor:
+    """mean LSE(x_data)^2 + mean LSE(x_sampled)^2: the energy-magnitude penalty of Du & Mordatch
+    ("Implicit Generation and Generalization in Energy-Based Models", NeurIPS 2019).
+
+    Contrastive divergence only fixes energy differences; when the sampler lags, raising LSE on
+    the data without bound lowers L_GEN for ever. This keeps both energies near zero. Not part
+    of GEDI's objective: ``method.energy_reg`` weights it, 0 (off) by default.
+    """
+    return lse_data.float().pow(2).mean() + lse_sample.float().pow(2).mean()
+
+
 def shuffle_pixels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image of ``x`` ``(N, C, H, W)`` with its H*W pixel positions randomly permuted.
 
@@ -234,24 +245,24 @@ class Gedi(nn.Module):
         if self.sampler is None:
             metrics["lse_data"] = torch.logsumexp(z1.detach(), dim=1).mean()
         else:
-            gen, lse_data, lse_sample = self._generative(self.sampler, views[:n])
+            lse_data, lse_sample = self._generative(self.sampler, views[:n])
+            gen = generative_loss(lse_data, lse_sample)
             loss = loss + self.cfg.lambda_gen * gen
-            metrics.update(gen=gen.detach(), lse_data=lse_data.detach(), lse_sample=lse_sample.detach())
+            if self.cfg.energy_reg > 0:
+                loss = loss + self.cfg.energy_reg * energy_magnitude(lse_data, lse_sample)
+            metrics.update(gen=gen.detach(), lse_data=lse_data.detach().mean(), lse_sample=lse_sample.detach().mean())
         metrics["loss"] = loss.detach()
         self._check_divergence(metrics)
         return loss, metrics
 
-    def _generative(
-        self, sampler: PersistentSGLD, x_data: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """L_GEN on ``x_data`` ``(n, ...)`` plus the two mean LSEs, negatives from ``sampler``."""
+    def _generative(self, sampler: PersistentSGLD, x_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSE of noisy ``x_data`` ``(n, ...)`` and of ``sampler``'s negatives, ``(n,)`` and ``(m,)``, in eval mode."""
         m = self.cfg.sgld.batch_size or x_data.shape[0]
         samples = sampler.sample(self, self.lse, m, x_data).to(x_data.dtype)
         noisy = x_data + self.cfg.sgld.data_noise * torch.randn_like(x_data)
         with eval_mode(self):
             lse = self.lse(torch.cat([noisy, samples.to(memory_format=_memory_format(x_data))]))
-        lse_data, lse_sample = lse[: x_data.shape[0]], lse[x_data.shape[0] :]
-        return generative_loss(lse_data, lse_sample), lse_data.mean(), lse_sample.mean()
+        return lse[: x_data.shape[0]], lse[x_data.shape[0] :]
 
     def _check_divergence(self, metrics: dict[str, torch.Tensor]) -> None:
         """Raise TrainingDiverged when loss or mean LSEs are non-finite or beyond the limit (one sync)."""
