@@ -19,6 +19,7 @@ from rrscale.methods.gedi import (
     Gedi,
     assignment_summary,
     generative_loss,
+    energy_magnitude,
     invariance_loss,
     marginal_entropy,
     shuffle_pixels,
@@ -129,6 +130,21 @@ def test_lambda_gen_adds_generative_term_with_one_sampler_call() -> None:
     assert metrics["gen"].item() == pytest.approx(-(metrics["lse_data"] - metrics["lse_sample"]).item(), abs=1e-5)
     assert all(not v.requires_grad for v in metrics.values())
     assert {"loss", "unif", "inv", "gen", "lse_data", "lse_sample", "marginal_entropy"} <= set(metrics)
+
+
+def test_energy_reg_adds_the_energy_magnitude_penalty() -> None:
+    assert energy_magnitude(torch.tensor([1.0, 3.0]), torch.tensor([-2.0])).item() == pytest.approx(5.0 + 4.0)
+    torch.manual_seed(0)
+    plain = _mlp_gedi(lambda_gen=1.0, beta=0.3)
+    torch.manual_seed(0)
+    reg = _mlp_gedi(lambda_gen=1.0, beta=0.3, energy_reg=0.25)
+    torch.manual_seed(1)
+    loss_plain, m = plain(_two_views(), 8)
+    torch.manual_seed(1)
+    loss_reg, m_reg = reg(_two_views(), 8)
+    assert m_reg["lse_data"].item() == pytest.approx(m["lse_data"].item(), abs=1e-6)  # same draws, same model
+    assert loss_reg.item() > loss_plain.item()
+    assert loss_reg.item() - loss_plain.item() >= 0.25 * (m["lse_data"] ** 2 + m["lse_sample"] ** 2).item() - 1e-5
 
 
 def test_gradients_reach_both_views_through_the_model() -> None:
