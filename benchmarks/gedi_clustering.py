@@ -55,7 +55,20 @@ NOGEN = ["method.lambda_gen=0.0"]
 QUIET = ["train.progress=false", "train.knn_every=0"]
 
 
-def train_and_score(cfg: ExperimentConfig, data: DataBundle, device: torch.device) -> tuple[dict[str, Any], Any]:
+class EpochLog(LocalHooks):
+    """No files; prints each epoch's metrics as one JSON line (a multi-hour CPU run shows progress)."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(None)
+        self.label = label
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None, final: bool = False) -> None:
+        if not final:
+            print(json.dumps({"row": self.label, **metrics}), flush=True)
+
+
+def train_and_score(cfg: ExperimentConfig, data: DataBundle, device: torch.device,
+                    hooks: LocalHooks | None = None) -> tuple[dict[str, Any], Any]:
     """One run: fit, then the engine's final evaluation (NMI, ACC, clusters used, probe...).
 
     Returns ``(row, method)``; a run stopped by the divergence guard gives ``status: failed``
@@ -64,7 +77,7 @@ def train_and_score(cfg: ExperimentConfig, data: DataBundle, device: torch.devic
     row: dict[str, Any] = {"status": "ok"}
     tic = time.perf_counter()
     try:
-        result = fit(cfg, data, hooks=LocalHooks(None), device=device)
+        result = fit(cfg, data, hooks=hooks or LocalHooks(None), device=device)
     except TrainingDiverged as exc:
         row.update(status="failed", error=str(exc), seconds=time.perf_counter() - tic)
         return row, None
@@ -195,7 +208,7 @@ def cifar_run(device: str | torch.device = "auto", epochs: int = 10, *, root: Pa
             row = {"status": "ok", **_kmeans_scores(method, data, base, dev)}
         else:
             cfg = cifar_config(epochs, root, dev_name, seed, [*extra, *(NOGEN if name == "gedi_nogen" else [])])
-            row, method = train_and_score(cfg, data, dev)
+            row, method = train_and_score(cfg, data, dev, EpochLog(name))
             if method is not None:
                 row.update(_kmeans_scores(method, data, cfg, dev))
                 row["stable"] = _stable(row, cfg.method.clusters)
