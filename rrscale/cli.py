@@ -230,6 +230,9 @@ def _print_summary(summary: dict[str, Any], written: Path) -> None:
             v = summary[k]
             parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
     print("  ".join(parts))
+    if summary.get("collapsed"):
+        print(f"WARNING: cluster collapse: the model assigns everything to one cluster "
+              f"(clusters_used={summary.get('clusters_used', 0):.0f} on the test set)")
     print(f"wrote {written}")
 
 

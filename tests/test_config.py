@@ -127,9 +127,10 @@ def test_bad_set_syntax(text: str) -> None:
 def test_vector_data_defaults_fill_only_unset_keys() -> None:
     cfg = load_config(None, ["data.name=moons", "method.name=gedi", "method.tau=0.5"])
     assert cfg.backbone.name == "mlp" and cfg.method.clusters == 2 and cfg.method.tau == 0.5
-    assert cfg.method.sgld.step_size == 0.005 and cfg.train.lr == 3.0e-4
+    assert cfg.method.sgld.step_size == 0.005 and cfg.method.lambda_gen == 3.0 and cfg.backbone.norm == "none"
+    assert load_config(None, ["data.name=moons", "method.name=gedi", "backbone.norm=group"]).backbone.norm == "group"
     rr = load_config(None, ["data.name=circles"])
-    assert rr.backbone.name == "mlp" and rr.train.lr == 0.001
+    assert rr.backbone.name == "mlp" and rr.backbone.norm == "batch"  # the GEDI defaults stay GEDI's
     with pytest.raises(ConfigError, match="backbone.name: expected mlp"):
         load_config(None, ["data.name=moons", "backbone.name=conv4"])
     with pytest.raises(ConfigError, match="backbone.name: expected an image backbone"):

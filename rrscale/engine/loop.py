@@ -345,6 +345,9 @@ def fit(
             if epoch == start_epoch:  # trackers name the dataset before a trial ends (or is stopped)
                 epoch_metrics["data_fingerprint"] = data.fingerprint
             epoch_metrics.update({m: plain_float(totals[i + 1] / max(images, 1)) for i, m in enumerate(names)})
+            end_epoch = getattr(unwrap(model), "end_epoch", None)
+            if end_epoch is not None:  # method-level epoch metrics (GEDI: clusters used over the epoch)
+                epoch_metrics.update(end_epoch(dist.sum_across))
             epoch_metrics["images_per_s"] = images / max(seconds, 1e-9)
             epoch_metrics["epoch_seconds"] = seconds
             check_diverged(epoch_metrics, cfg.method.divergence_limit, epoch + 1)

@@ -27,7 +27,7 @@ def build_method(cfg: ExperimentConfig, in_channels: int | None, input_dim: int 
     ``in_channels`` is set for image data, ``input_dim`` for vector data (toy sets, MLP).
     """
     backbone = build_backbone(cfg.backbone, in_channels=in_channels, input_dim=input_dim)
-    return _method_class(cfg.method.name)(cfg.method, backbone)
+    return _method_class(cfg.method.name)(cfg.resolved_method(), backbone)
 
 
 __all__ = ["Method", "TrainingDiverged", "build_method"]

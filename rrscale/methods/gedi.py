@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,6 +95,37 @@ def invariance_loss(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tenso
     return -(p2 * F.log_softmax(logits1.float(), dim=1)).sum(dim=1).mean()
 
 
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(pbar) = -sum_c pbar_c log pbar_c of the batch-mean posterior pbar = mean_i softmax(logits)_i.
+
+    ``logits``: ``(n, c)`` tempered logits. Scalar in [0, log c]: log c when the batch spreads
+    evenly over all clusters, 0 when every sample puts all its mass on the same cluster
+    (cluster collapse). Unlike L_UNIF it does not grow without bound, so it reads as "how many
+    clusters the batch uses" (exp(H) is that number for an even spread).
+    """
+    if logits.dim() != 2 or logits.shape[0] == 0:
+        raise ValueError(f"marginal_entropy expects (n, c) logits with n >= 1, got {tuple(logits.shape)}")
+    log_marginal = torch.logsumexp(F.log_softmax(logits.float(), dim=1), dim=0) - math.log(logits.shape[0])
+    return -(log_marginal.exp() * log_marginal).sum()
+
+
+def assignment_summary(counts: torch.Tensor) -> dict[str, float]:
+    """Collapse metrics from ``counts`` ``(c,)``, the argmax assignments per cluster over an epoch.
+
+    ``train_clusters_used``: clusters with at least one assignment. ``train_top_cluster_share``:
+    fraction of all assignments in the largest cluster (1.0 = collapsed onto one cluster). Counting over the
+    whole epoch matters: a batch of 64 can use at most 64 of c = 2048 clusters, so a per-batch
+    count averaged over an epoch under-counts whenever c exceeds the batch.
+    """
+    total = float(counts.sum())
+    if total <= 0:
+        return {"train_clusters_used": 0.0, "train_top_cluster_share": 0.0}
+    return {
+        "train_clusters_used": float((counts > 0).sum()),
+        "train_top_cluster_share": float(counts.max()) / total,
+    }
+
+
 def generative_loss(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.Tensor:
     """L_GEN = -(mean LSE(x_data) - mean LSE(x_sampled)): contrastive divergence for the EBM.
 
@@ -101,6 +133,17 @@ def generative_loss(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.T
     gradient of p(x) ∝ exp(LSE(x)) when the samples come from the model (persistent SGLD).
     """
     return -(lse_data.float().mean() - lse_sample.float().mean())
+
+
+def energy_magnitude(lse_data: torch.Tensor, lse_sample: torch.Tensor) -> torch.Tensor:
+    """mean LSE(x_data)^2 + mean LSE(x_sampled)^2: the energy-magnitude penalty of Du & Mordatch
+    ("Implicit Generation and Generalization in Energy-Based Models", NeurIPS 2019).
+
+    Contrastive divergence only fixes energy differences; when the sampler lags, raising LSE on
+    the data without bound lowers L_GEN for ever. This keeps both energies near zero. Not part
+    of GEDI's objective: ``method.energy_reg`` weights it, 0 (off) by default.
+    """
+    return lse_data.float().pow(2).mean() + lse_sample.float().pow(2).mean()
 
 
 def shuffle_pixels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -122,8 +165,10 @@ class Gedi(nn.Module):
 
     ``forward(views, n)`` takes two views per image in augmentation-major layout, ``(2n, ...)``
     with pixels in [-1, 1] (``symmetric_input``), and returns the loss of docs/methods.md §2 and
-    detached metrics: ``loss``, ``unif``, ``inv``, ``lse_data``, ``clusters_used`` (distinct
-    argmax clusters over the 2n views) and, when ``lambda_gen > 0``, ``gen`` and ``lse_sample``.
+    detached metrics: ``loss``, ``unif``, ``inv``, ``lse_data``, ``marginal_entropy`` (entropy of
+    view 1's batch-mean posterior) and, when ``lambda_gen > 0``, ``gen`` and ``lse_sample``. The
+    argmax clusters of all 2n views go into an epoch histogram that :meth:`end_epoch` turns into
+    ``train_clusters_used`` and ``train_top_cluster_share`` for the whole epoch.
     Without the generative term ``lse_data`` is the mean LSE of the clean view 1 (free to
     compute); with it, the mean LSE of the noisy view 1 scored in eval mode, as in L_GEN.
     """
@@ -138,10 +183,38 @@ class Gedi(nn.Module):
             raise ValueError("GEDI needs a backbone with an int attribute feature_dim (its pooled feature width)")
         if cfg.K != self.views_per_image:
             raise ValueError(f"GEDI uses exactly {self.views_per_image} views per image, got method.K={cfg.K}")
+        if cfg.projector_norm == "backbone":
+            raise ValueError(
+                "GEDI needs a concrete method.projector_norm (batch, group or none); 'backbone' is resolved "
+                "against backbone.norm by ExperimentConfig.resolved_method()"
+            )
         self.cfg = cfg
         self.backbone = backbone
-        self.projector = projector(feature_dim, cfg.projector_width, cfg.clusters)
+        self.projector = projector(feature_dim, cfg.projector_width, cfg.clusters, norm=cfg.projector_norm)
         self.sampler = PersistentSGLD(cfg.sgld) if cfg.lambda_gen > 0 else None
+        self._assigned: torch.Tensor | None = None
+        self.last_epoch_clusters_used: int | None = None
+
+    def _count_assignments(self, z: torch.Tensor) -> None:
+        """Add the argmax clusters of ``z`` ``(m, c)`` to this epoch's histogram (on device, no sync)."""
+        if self._assigned is None or self._assigned.device != z.device:
+            self._assigned = torch.zeros(self.cfg.clusters, device=z.device)
+        self._assigned.index_add_(0, z.argmax(dim=1), torch.ones(z.shape[0], device=z.device))
+
+    def end_epoch(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Epoch-level collapse metrics over every view seen since the last call, then reset.
+
+        ``reduce`` sums a tensor over data-parallel ranks (the identity on one process); every
+        rank must call this together. Returns :func:`assignment_summary` of the epoch's argmax
+        assignments (the training loop adds them to the epoch's metrics).
+        """
+        counts = self._assigned
+        if counts is None:
+            counts = torch.zeros(self.cfg.clusters, device=next(self.parameters()).device)
+        out = assignment_summary(reduce(counts))
+        self._assigned = None
+        self.last_epoch_clusters_used = int(out["train_clusters_used"])
+        return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Tempered cluster logits z(x)/tau, ``(N, ...) -> (N, c)``, in fp32 even under autocast."""
@@ -167,29 +240,29 @@ class Gedi(nn.Module):
         unif = uniformity_loss(z1)
         inv = invariance_loss(z1, z2)
         loss = 0.5 * unif + 0.5 * self.cfg.beta * inv
-        used = torch.zeros(self.cfg.clusters, device=z.device).index_fill_(0, z.argmax(dim=1), 1.0).sum()
-        metrics = {"unif": unif.detach(), "inv": inv.detach(), "clusters_used": used}
+        self._count_assignments(z.detach())
+        metrics = {"unif": unif.detach(), "inv": inv.detach(), "marginal_entropy": marginal_entropy(z1.detach())}
         if self.sampler is None:
             metrics["lse_data"] = torch.logsumexp(z1.detach(), dim=1).mean()
         else:
-            gen, lse_data, lse_sample = self._generative(self.sampler, views[:n])
+            lse_data, lse_sample = self._generative(self.sampler, views[:n])
+            gen = generative_loss(lse_data, lse_sample)
             loss = loss + self.cfg.lambda_gen * gen
-            metrics.update(gen=gen.detach(), lse_data=lse_data.detach(), lse_sample=lse_sample.detach())
+            if self.cfg.energy_reg > 0:
+                loss = loss + self.cfg.energy_reg * energy_magnitude(lse_data, lse_sample)
+            metrics.update(gen=gen.detach(), lse_data=lse_data.detach().mean(), lse_sample=lse_sample.detach().mean())
         metrics["loss"] = loss.detach()
         self._check_divergence(metrics)
         return loss, metrics
 
-    def _generative(
-        self, sampler: PersistentSGLD, x_data: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """L_GEN on ``x_data`` ``(n, ...)`` plus the two mean LSEs, negatives from ``sampler``."""
+    def _generative(self, sampler: PersistentSGLD, x_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSE of noisy ``x_data`` ``(n, ...)`` and of ``sampler``'s negatives, ``(n,)`` and ``(m,)``, in eval mode."""
         m = self.cfg.sgld.batch_size or x_data.shape[0]
         samples = sampler.sample(self, self.lse, m, x_data).to(x_data.dtype)
         noisy = x_data + self.cfg.sgld.data_noise * torch.randn_like(x_data)
         with eval_mode(self):
             lse = self.lse(torch.cat([noisy, samples.to(memory_format=_memory_format(x_data))]))
-        lse_data, lse_sample = lse[: x_data.shape[0]], lse[x_data.shape[0] :]
-        return generative_loss(lse_data, lse_sample), lse_data.mean(), lse_sample.mean()
+        return lse[: x_data.shape[0]], lse[x_data.shape[0] :]
 
     def _check_divergence(self, metrics: dict[str, torch.Tensor]) -> None:
         """Raise TrainingDiverged when loss or mean LSEs are non-finite or beyond the limit (one sync)."""
@@ -230,6 +303,8 @@ class Gedi(nn.Module):
           ``clusters >= classes`` (the standard metric; surplus clusters count as errors) and
           the best-overlap (majority) map otherwise, where one-to-one would have to leave
           classes unmatched. ``clusters_used``: distinct argmax clusters on the test set.
+        * ``collapsed``: 1.0 when the model assigns everything to one cluster, on the test set
+          or over the last training epoch's views; else 0.0.
         * ``ood_auroc_noise``: LSE(x) separating x_test from U(-1, 1) noise of the same shape;
           ``ood_auroc_shuffled`` (images only): from x_test with pixel positions shuffled per
           image; ``ood_auroc_<name>`` for each model-ready set in ``ood`` (e.g. ``svhn``). The
@@ -248,6 +323,7 @@ class Gedi(nn.Module):
                 out["nmi"] = nmi(p, y)
                 out["acc"] = cluster_acc(p, y, "hungarian" if self.cfg.clusters >= classes else "majority")
             out["clusters_used"] = float(torch.unique(pred).numel())
+            out["collapsed"] = float(out["clusters_used"] <= 1 or self.last_epoch_clusters_used == 1)
             gen = torch.Generator(device=x_test.device).manual_seed(0)
             noise = torch.rand(x_test.shape, generator=gen, device=x_test.device, dtype=x_test.dtype) * 2 - 1
             ood_sets: dict[str, torch.Tensor] = {"noise": noise}
@@ -260,7 +336,7 @@ class Gedi(nn.Module):
             self._save_samples(x_test, Path(out_dir) / "sgld_samples.png")
         return out
 
-    def _plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
+    def plot_samples(self, like: torch.Tensor, count: int) -> torch.Tensor:
         """``count`` samples: the persistent chains if training used them, else short-run SGLD from noise."""
         if self.sampler is not None and self.sampler.buffer is not None:
             return self.sampler.sample(self, self.lse, min(count, self.cfg.sgld.buffer_size), like)
@@ -268,45 +344,50 @@ class Gedi(nn.Module):
             start = uniform_noise((count, *like.shape[1:]), like.device)
             return langevin(self.lse, start, self.cfg.sgld.steps, self.cfg.sgld.step_size, self.cfg.sgld.noise)
 
+    def draw_plane(self, ax: Any, x: torch.Tensor, title: str) -> None:
+        """On matplotlib axes ``ax``: vector points ``x`` ``(N, d)`` coloured by cluster and SGLD
+        samples as black crosses (first two coordinates); for 2-D data also the energy landscape
+        (LSE, dark = low energy) as filled contours.
+        """
+        samples = self.plot_samples(x, PLOT_SAMPLES * 8).float().cpu().numpy()
+        pts_t = x[:PLOT_POINTS]
+        with eval_mode(self):
+            clusters = self._scores(pts_t)[0].cpu().numpy()
+        pts = pts_t.float().cpu().numpy()
+        if pts.shape[1] == 2:
+            lo = np.minimum(pts.min(0), samples.min(0)) - 0.5
+            hi = np.maximum(pts.max(0), samples.max(0)) + 0.5
+            gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
+            grid = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=x.dtype, device=x.device)
+            with eval_mode(self):
+                field = self._scores(grid)[1].cpu().numpy().reshape(gx.shape)
+            ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
+        ax.scatter(pts[:, 0], pts[:, 1], c=clusters % 10, s=4, cmap="tab10", vmin=0, vmax=9,
+                   label="test data (colour: cluster)")
+        ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
+        ax.legend(loc="upper right", fontsize="small")
+        ax.set_title(title)
+
     def _save_samples(self, x_test: torch.Tensor, path: Path) -> None:
         """Write the sample figure atomically: an image grid, or samples and clusters over 2-D data."""
         from matplotlib.figure import Figure
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
         if x_test.dim() == 4:
-            samples = self._plot_samples(x_test, PLOT_SAMPLES).float().clamp(-1, 1).add(1).div(2).cpu().numpy()
+            samples = self.plot_samples(x_test, PLOT_SAMPLES).float().clamp(-1, 1).add(1).div(2).cpu().numpy()
             side = int(math.ceil(math.sqrt(len(samples))))
             c, h, w = samples.shape[1:]
             grid = np.ones((side * h, side * w, c), dtype=np.float32)
             for i, img in enumerate(samples):
                 r, col = divmod(i, side)
                 grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = img.transpose(1, 2, 0)
-            fig = Figure(figsize=(6, 6))
-            ax = fig.subplots()
             ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None)
             ax.set_axis_off()
             ax.set_title("GEDI SGLD samples")
         else:
-            samples = self._plot_samples(x_test, PLOT_SAMPLES * 8).float().cpu().numpy()
-            pts_t = x_test[:PLOT_POINTS]
-            with eval_mode(self):
-                clusters = self._scores(pts_t)[0].cpu().numpy()
-            pts = pts_t.float().cpu().numpy()
-            fig = Figure(figsize=(6, 6))
-            ax = fig.subplots()
-            if pts.shape[1] == 2:
-                lo = np.minimum(pts.min(0), samples.min(0)) - 0.5
-                hi = np.maximum(pts.max(0), samples.max(0)) + 0.5
-                gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 120), np.linspace(lo[1], hi[1], 120))
-                grid_pts = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=x_test.dtype, device=x_test.device)
-                with eval_mode(self):
-                    field = self._scores(grid_pts)[1].cpu().numpy().reshape(gx.shape)
-                ax.contourf(gx, gy, field, levels=30, cmap="Greys", alpha=0.6)
-            ax.scatter(pts[:, 0], pts[:, 1], c=clusters % 10, s=4, cmap="tab10", vmin=0, vmax=9,
-                       label="test data (colour: cluster)")
-            ax.scatter(samples[:, 0], samples[:, 1], s=6, c="black", marker="x", label="SGLD samples")
-            ax.legend(loc="upper right")
-            ax.set_title("GEDI: SGLD samples over data (shading: LSE)")
+            self.draw_plane(ax, x_test, "GEDI: SGLD samples over data (shading: LSE)")
         tmp = path.with_name(path.name + ".tmp.png")
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)

@@ -62,9 +62,11 @@ def relation_head(in_dim: int, width: int = 256, depth: int = 1) -> nn.Sequentia
     return mlp(in_dim, width, 1, depth=depth, norm="batch", activation="leaky_relu", negative_slope=0.01)
 
 
-def projector(in_dim: int, width: int, out_dim: int) -> nn.Sequential:
-    """GEDI projector: Linear(d, H) -> BatchNorm1d -> ReLU -> Linear(H, c).
+def projector(in_dim: int, width: int, out_dim: int, norm: str = "batch") -> nn.Sequential:
+    """GEDI projector: Linear(d, H) -> norm -> ReLU -> Linear(H, c); ``norm`` batch (the paper's), group or none.
 
-    ``(N, d) -> (N, c)`` cluster logits (before the temperature).
+    ``(N, d) -> (N, c)`` cluster logits (before the temperature). The norm is a switch because it
+    decides whether GEDI trains at all: on two moons a BatchNorm projector collapsed every seed
+    to one cluster where the same model without it reached NMI 0.98 (issue 7).
     """
-    return mlp(in_dim, width, out_dim, depth=1, norm="batch", activation="relu")
+    return mlp(in_dim, width, out_dim, depth=1, norm=norm, activation="relu")

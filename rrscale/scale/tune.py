@@ -80,12 +80,21 @@ EXIT_TRAINING_FAILED = 3
 #: Metrics every run reports each epoch, by direction; plus per method. ``online_probe_top1``
 #: needs labelled training images and ``probe.online`` (checked in :func:`check_tune_config`).
 PER_EPOCH = {"loss": "min", "knn_top1": "max", "online_probe_top1": "max"}
-PER_EPOCH_BY_METHOD = {"relational": {"relation_acc": "max"}, "gedi": {"unif": "min", "inv": "min"}}
+PER_EPOCH_BY_METHOD = {
+    "relational": {"relation_acc": "max"},
+    "gedi": {
+        "unif": "min",
+        "inv": "min",
+        "marginal_entropy": "max",
+        "train_clusters_used": "max",
+        "train_top_cluster_share": "min",
+    },
+}
 #: Metrics only the final report carries.
 AT_END = {"probe_top1": "max"}
 AT_END_BY_METHOD: dict[str, dict[str, str]] = {
     "relational": {},
-    "gedi": {"nmi": "max", "acc": "max", "ood_auroc_noise": "max"},
+    "gedi": {"nmi": "max", "acc": "max", "ood_auroc_noise": "max", "clusters_used": "max", "collapsed": "min"},
 }
 #: What a trial that only drives a TorchTrainer holds: no CPU (its Train workers hold theirs;
 #: even a tiny CPU share would leave a 1-CPU node unable to place its worker) and a memory
