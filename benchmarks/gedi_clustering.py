@@ -14,7 +14,8 @@ as crosses, the energy landscape (LSE) as shading. Target: GEDI NMI >= 0.95 on b
 ``cifar``: the settings of ``search_spaces/gedi-cifar.yaml`` (conv4) on CIFAR-10: GEDI vs no-gen
 vs k-means on the features of the same backbone at random init. Stability is part of the result:
 no divergence-guard trip, and >= 50 % of the clusters in use (or c = 10 all used) on the test
-split and in the last epoch. ``cifar_run`` is the same run as a function (for the GPU suite).
+split and in the last epoch. ``cifar_run`` is the same run as a function; ``compare_on`` runs it
+on data already loaded (benchmarks/gpu_suite.py's ``gedi_cifar`` section).
 
     python benchmarks/gedi_clustering.py toy                       # moons + circles, seeds 1-5
     python benchmarks/gedi_clustering.py toy --datasets moons --seeds 1 2
@@ -184,37 +185,32 @@ def _stable(row: dict[str, Any], clusters: int) -> bool:
     return row.get("clusters_used", 0.0) >= need and last >= need
 
 
-def cifar_run(device: str | torch.device = "auto", epochs: int = 10, *, root: Path | str = DATA / "cifar10",
-              seed: int = 1, extra: Sequence[str] = (), rows: Sequence[str] = ("gedi", "gedi_nogen", "random_init"),
-              out: Path | None = RESULTS) -> dict[str, Any]:
-    """GEDI vs no-gen vs k-means on random-init features, on CIFAR-10 with the gedi-cifar.yaml settings.
+def compare_on(data: DataBundle, device: torch.device, epochs: int, *, root: Path | str, seed: int = 1,
+               extra: Sequence[str] = (), rows: Sequence[str] = ("gedi", "gedi_nogen", "random_init"),
+               log: bool = True) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The rows of :func:`cifar_run` on already loaded ``data`` (the GPU suite hands its own).
 
-    ``device``: "auto", "cpu", "cuda" or a torch.device; ``epochs``: SSL epochs of both trained
-    rows; ``extra``: ``--set`` style overrides for every row (e.g. a larger batch on a GPU);
-    ``rows``: any of gedi, gedi_nogen, random_init. Returns the result payload and, with
-    ``out``, writes ``gedi_cifar-<device>.json`` there. ``verdict`` says whether GEDI is stable
-    and beats both baselines on NMI.
+    ``root`` is only recorded in each row's config. Returns ``(rows, verdict)``: ``verdict`` says
+    whether GEDI is stable and beats both baselines on NMI.
     """
-    dev = device if isinstance(device, torch.device) else pick_device(device)
-    dev_name = dev.type
-    base = cifar_config(epochs, root, dev_name, seed, extra)
-    data = load_data(base.data, seed=seed)
+    base = cifar_config(epochs, root, device.type, seed, extra)
     results: dict[str, Any] = {}
     for name in rows:
         tic = time.perf_counter()
         if name == "random_init":
             seed_everything(seed)
-            method = build_method(base, 3, None).to(dev).eval()
-            row = {"status": "ok", **_kmeans_scores(method, data, base, dev)}
+            method = build_method(base, 3, None).to(device).eval()
+            row = {"status": "ok", **_kmeans_scores(method, data, base, device)}
         else:
-            cfg = cifar_config(epochs, root, dev_name, seed, [*extra, *(NOGEN if name == "gedi_nogen" else [])])
-            row, method = train_and_score(cfg, data, dev, EpochLog(name))
+            cfg = cifar_config(epochs, root, device.type, seed, [*extra, *(NOGEN if name == "gedi_nogen" else [])])
+            row, method = train_and_score(cfg, data, device, EpochLog(name) if log else None)
             if method is not None:
-                row.update(_kmeans_scores(method, data, cfg, dev))
+                row.update(_kmeans_scores(method, data, cfg, device))
                 row["stable"] = _stable(row, cfg.method.clusters)
         row["seconds_total"] = time.perf_counter() - tic
         results[name] = row
-        print(json.dumps({"row": name, **{k: v for k, v in row.items() if k != "history"}}), flush=True)
+        if log:
+            print(json.dumps({"row": name, **{k: v for k, v in row.items() if k != "history"}}), flush=True)
     gedi = results.get("gedi", {})
     verdict = {
         "stable": bool(gedi.get("stable")),
@@ -223,6 +219,24 @@ def cifar_run(device: str | torch.device = "auto", epochs: int = 10, *, root: Pa
         and gedi.get("nmi", 0.0) > results["random_init"]["kmeans_nmi"],
     }
     verdict["target_met"] = all(verdict.values())
+    return results, verdict
+
+
+def cifar_run(device: str | torch.device = "auto", epochs: int = 10, *, root: Path | str = DATA / "cifar10",
+              seed: int = 1, extra: Sequence[str] = (), rows: Sequence[str] = ("gedi", "gedi_nogen", "random_init"),
+              out: Path | None = RESULTS) -> dict[str, Any]:
+    """GEDI vs no-gen vs k-means on random-init features, on CIFAR-10 with the gedi-cifar.yaml settings.
+
+    ``device``: "auto", "cpu", "cuda" or a torch.device; ``epochs``: SSL epochs of both trained
+    rows; ``extra``: ``--set`` style overrides for every row (e.g. a larger batch on a GPU);
+    ``rows``: any of gedi, gedi_nogen, random_init. Returns the result payload and, with
+    ``out``, writes ``gedi_cifar-<device>.json`` there.
+    """
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    dev_name = dev.type
+    base = cifar_config(epochs, root, dev_name, seed, extra)
+    data = load_data(base.data, seed=seed)
+    results, verdict = compare_on(data, dev, epochs, root=root, seed=seed, extra=extra, rows=rows)
     payload = {**result_header("gedi_cifar", dev), "dataset": str(root), "train_images": len(data.train.x),
                "test_images": len(data.probe_test.x), "epochs": epochs, "seed": seed,
                "config": base.training_dict(), "extra_overrides": list(extra), "rows": results, "verdict": verdict}

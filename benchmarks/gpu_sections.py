@@ -6,11 +6,8 @@ device, versions, date and section to each and writes the JSON after every row, 
 short keeps what it measured. Adding a section is one line in :data:`SECTIONS` (key, title,
 function, budget in seconds for the full and the ``--quick`` run); the budgets of the full run
 add up to under the suite's 10 minutes, so give a new one time from ``ray`` (absent on a
-torch-only GPU machine) or raise ``--time-limit``. The section meant to come next, GEDI on
-CIFAR (benchmarks/gedi_clustering.py), would be ``def gedi_cifar_rows(s: Suite)`` calling that
-script's ``run_row`` on ``s.data`` and yielding ``measured(...)`` rows, plus its line in
-SECTIONS; its NMI/ACC scoring imports scipy, which a bare GPU machine may lack (the section
-would then say skipped, like ``ray`` does for Ray).
+torch-only GPU machine) or raise ``--time-limit``. A section too long for that budget is
+``optional``: the full run leaves it out unless ``--sections`` names it (``--quick`` runs it).
 
 Everything here imports only the pure-PyTorch layers of rrscale; Ray, Optuna and MLflow are
 used only through a ``rrscale tune`` subprocess in the ``ray`` section, when they are installed.
@@ -544,7 +541,7 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
         error = str(exc)
     history = epochs_done.history
     free_memory(s.device)
-    keys = ("loss", "unif", "inv", "gen", "lse_data", "lse_sample", "clusters_used")
+    keys = ("loss", "unif", "inv", "gen", "lse_data", "lse_sample", "train_clusters_used")
     numbers = {"steps": epochs * per_epoch, "seconds": time.monotonic() - tic, "epochs_completed": len(history),
                "per_epoch": [{key: h[key] for key in keys if key in h} for h in history]}
     last = history[-1] if history else {}
@@ -553,8 +550,45 @@ def gedi_rows(s: Suite) -> Iterator[dict[str, Any]]:
         target=f"{want} steps, loss and mean LSE finite and within divergence_limit",
         result=(f"diverged: {error[:120]}" if error else
                 f"ok: last epoch loss {last['loss']:.3f}, LSE data {last['lse_data']:.2f} / samples "
-                f"{last.get('lse_sample', float('nan')):.2f}, {last['clusters_used']:.0f} clusters used"),
+                f"{last.get('lse_sample', float('nan')):.2f}, {last['train_clusters_used']:.0f} clusters used"),
         ok=not error, applies=not why, note="; ".join(filter(None, [why, error])),
+    )
+
+
+# ----------------------------------------------------------------------------- 8 GEDI on CIFAR-10
+
+
+def gedi_cifar_rows(s: Suite) -> Iterator[dict[str, Any]]:
+    """benchmarks/gedi_clustering.py's CIFAR-10 comparison (search_spaces/gedi-cifar.yaml, 10
+    epochs: GEDI vs no-gen vs k-means on random-init features) on the suite's ``--data``. Optional:
+    alone it takes about as long as the other sections together (``--sections gedi_cifar``)."""
+    name = "GEDI on CIFAR-10: stable, NMI above no-gen and random-init k-means"
+    if importlib.util.find_spec("scipy") is None:
+        yield skipped(name, "scipy is not installed (cluster accuracy uses its assignment solver)")
+        return
+    synthetic = s.data_spec["name"] == "synthetic"
+    if synthetic and not s.quick:
+        yield skipped(name, "needs --data with CIFAR-10 (rrscale data convert cifar10:ROOT cifar10.npz)")
+        return
+    import gedi_clustering
+
+    epochs = 1 if s.quick else 10
+    extra = [f"data.name={s.data_spec['name']}"]
+    if s.quick:
+        extra += ["train.steps_per_epoch=2", "train.batch_size=16", "probe.epochs=2", "method.sgld.buffer_size=64"]
+    rows, verdict = gedi_clustering.compare_on(s.data, s.device, epochs, root=s.data_spec.get("root", ""),
+                                               extra=extra, log=False)
+    keys = ("status", "nmi", "acc", "probe_top1", "clusters_used", "stable", "train_seconds", "kmeans_nmi", "error")
+    numbers = {row: {k: v for k, v in r.items() if k in keys} for row, r in rows.items()}
+    gedi, nogen, rand = rows["gedi"], rows["gedi_nogen"], rows["random_init"]
+    why = not_judged(s, cuda=False)
+    yield measured(
+        name, settings={"config": "search_spaces/gedi-cifar.yaml", "epochs": epochs, "overrides": extra},
+        numbers={**numbers, "verdict": verdict},
+        target="no guard trip, all 10 clusters used; NMI > no-gen and > k-means on random-init features",
+        result=(f"NMI GEDI {gedi.get('nmi', 0.0):.3f} ({gedi['status']}, {gedi.get('clusters_used', 0):.0f} "
+                f"clusters) vs no-gen {nogen.get('nmi', 0.0):.3f} vs random-init k-means {rand['kmeans_nmi']:.3f}"),
+        ok=verdict["target_met"], applies=not why, note=why,
     )
 
 
@@ -772,6 +806,7 @@ class Section:
     rows: Callable[[Suite], Iterator[dict[str, Any]]]
     budget_s: float  # the full run on one H200
     quick_budget_s: float
+    optional: bool = False  # left out of the full run unless --sections names it
 
 
 SECTIONS = [
@@ -782,4 +817,5 @@ SECTIONS = [
     Section("probe", "5 linear probe on cached features", probe_rows, 45, 15),
     Section("gedi", "6 GEDI step cost and stability", gedi_rows, 45, 20),
     Section("ray", "7 Ray: fractional-GPU sweep, DDP", ray_rows, 90, 5),
+    Section("gedi_cifar", "8 GEDI on CIFAR-10 (10 epochs; optional)", gedi_cifar_rows, 420, 20, optional=True),
 ]

@@ -1,4 +1,4 @@
-"""One prepared command that proves rrscale's CUDA path: 7 timed sections, one JSON file, one table.
+"""One prepared command that proves rrscale's CUDA path: 7 timed sections (+1 optional), one JSON file, one table.
 
 A GPU machine is lent rarely and briefly, often with Python, torch, torchvision and numpy
 only. Run this once from the repository root there and read the table:
@@ -36,6 +36,10 @@ Sections (each row: device, torch version, date, settings, numbers, status again
   7 ray         if Ray, Optuna and MLflow are installed: a 4-trial sweep at gpus_per_trial 0.25
                 with the GPU's utilisation sampled (target >= 85 % busy), and 2-worker DDP when
                 2 GPUs exist; otherwise the rows say skipped and why.
+  8 gedi_cifar  optional (about 4-7 minutes alone, so the full run leaves it out): the CIFAR-10
+                run of benchmarks/gedi_clustering.py (search_spaces/gedi-cifar.yaml, 10 epochs,
+                GEDI vs no-gen vs k-means on random-init features) on --data; needs scipy.
+                  python benchmarks/gpu_suite.py --out results --data cifar10.npz --sections gedi_cifar
 
 Timing: CUDA events after warm-up (wall clock on CPU). Each section has a time budget; rows
 that would overrun it are skipped and say so, and the whole run stops starting sections at
@@ -84,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help=".npz (x_train, y_train, x_test, y_test) or .npy (images) uint8 arrays")
     p.add_argument("--wheels", type=Path, help="folder of wheels to install first (pydantic, pyyaml and their needs)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: CUDA when available")
-    p.add_argument("--sections", default="", help="comma-separated section keys to run (default: all)")
+    p.add_argument("--sections", default="", help="comma-separated section keys to run (default: all but the optional "
+                                                 "gedi_cifar, which --quick includes)")
     p.add_argument("--time-limit", type=float,
                    help="seconds from the start after which no section starts (default 560; quick 110)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with other jobs')")
@@ -105,6 +110,14 @@ def check_inputs(args: argparse.Namespace) -> str | None:
     if args.time_limit is not None and args.time_limit <= 0:
         return f"--time-limit: expected a positive number of seconds (got {args.time_limit:g})"
     return None
+
+
+def chosen_sections(keys: list[str], quick: bool) -> list[Any]:
+    """The sections ``--sections`` names, in suite order; without names every section except
+    the optional ones in a full run (they would overrun its 10 minutes), all of them with --quick."""
+    import gpu_sections as gs
+
+    return [sec for sec in gs.SECTIONS if sec.key in keys or (not keys and (quick or not sec.optional))]
 
 
 def install_wheels(folder: Path) -> Path:
@@ -202,7 +215,7 @@ def run(args: argparse.Namespace, paths: list[str]) -> int:
     unknown = [k for k in keys if k not in known]
     if unknown:
         return _fail(f"--sections: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
-    sections = [sec for sec in gs.SECTIONS if not keys or sec.key in keys]
+    sections = chosen_sections(keys, args.quick)
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: expected a CUDA GPU (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")

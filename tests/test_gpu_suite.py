@@ -187,3 +187,31 @@ def test_busy_summary_averages_the_middle_of_the_active_window() -> None:
     assert got["active_samples"] == 7 and got["mean_active"] == pytest.approx(540 / 7)
     assert got["middle_samples"] == 5 and got["mean_middle"] == pytest.approx(94)
     assert gpu_sections.busy_summary([0.0, 0.0])["mean_middle"] is None
+
+
+def test_the_optional_gedi_cifar_section_runs_only_when_asked_and_scores_all_three_rows(tmp_path: Path) -> None:
+    """A full run leaves ``gedi_cifar`` out unless named; --quick includes it. Its rows (GEDI,
+    no-gen, random-init k-means) run at toy size on CPU (scipy present here, unlike the blocked
+    quick run above, where the section says skipped)."""
+    names = lambda sections: [s.key for s in sections]  # noqa: E731
+    assert "gedi_cifar" not in names(gpu_suite.chosen_sections([], quick=False))
+    assert "gedi_cifar" in names(gpu_suite.chosen_sections([], quick=True))
+    assert names(gpu_suite.chosen_sections(["gedi_cifar"], quick=False)) == ["gedi_cifar"]
+    from rrscale.config import validate
+    from rrscale.data.sources import load_data
+
+    spec = {"name": "synthetic", "synthetic_size": 256}
+    data = load_data(validate({"data": spec}, "test").data, seed=0)
+    suite = gpu_sections.Suite(device=torch.device("cpu"), quick=True, data=data, data_spec=spec, out=tmp_path,
+                               env={})
+    [row] = list(gpu_sections.gedi_cifar_rows(suite))
+    assert row["status"] == "n/a" and "--quick" in row["note"], row
+    numbers = row["numbers"]
+    assert set(numbers) == {"gedi", "gedi_nogen", "random_init", "verdict"}
+    assert numbers["gedi"]["status"] == "ok" and 0.0 <= numbers["gedi"]["nmi"] <= 1.0
+    assert 0.0 <= numbers["random_init"]["kmeans_nmi"] <= 1.0
+    assert f"{numbers['gedi_nogen']['nmi']:.3f}" in row["result"]
+    full = gpu_sections.Suite(device=torch.device("cpu"), quick=False, data=data, data_spec=spec, out=tmp_path,
+                              env={})
+    [row] = list(gpu_sections.gedi_cifar_rows(full))
+    assert row["status"] == "skipped" and "--data" in row["note"]
