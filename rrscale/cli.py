@@ -8,6 +8,7 @@ with nothing written.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_FAILED = 3
+EXIT_INTERRUPTED = 130  # what a shell reports for SIGINT
 
 EXAMPLES_TRAIN = """\
 examples:
@@ -156,12 +158,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         except CheckpointError as exc:
             return _fail(f"{out / 'checkpoint.pt'}: {exc}; use --fresh or another --out")
-        if workers > 0:
-            from rrscale.scale.train import train_with_ray
+        try:
+            if workers > 0:
+                from rrscale.scale.train import train_with_ray
 
-            summary = train_with_ray(cfg, out_dir=out.resolve(), num_workers=workers)
-        else:
-            summary = _train_local(cfg, data, out)
+                summary = train_with_ray(cfg, out_dir=out.resolve(), num_workers=workers)
+            else:
+                summary = _train_local(cfg, data, out)
+        except KeyboardInterrupt:
+            return _fail(f"interrupted; {out} keeps its last checkpoint: continue with "
+                         f"{_resume_command(args, out)}", EXIT_INTERRUPTED)
         if resumed is not None:
             summary["resumed"] = resumed
         write_json(out / "summary.json", summary)
@@ -170,6 +176,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                      EXIT_TRAINING_FAILED)
     _print_summary(summary, out / "summary.json")
     return 0
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The train command that continues into ``out``, as pasted in a new shell."""
+    import os
+
+    env = os.environ.get("RRSCALE_DATA_ROOT")
+    words = [f"RRSCALE_DATA_ROOT={env}"] if env else []
+    words += ["rrscale", "train"]
+    if args.file:
+        words.append(str(Path(args.file).resolve()))
+    for override in args.overrides:
+        words += ["--set", override]
+    if args.workers is not None:
+        words += ["--workers", str(args.workers)]
+    words += ["--out", str(out.resolve())]
+    return shlex.join(words)
 
 
 def _prepare_run_dir(out: Path, cfg: Any, data: Any, *, fresh: bool) -> dict[str, Any] | None:

@@ -80,3 +80,27 @@ def test_sigkill_in_a_checkpoint_write_then_resume(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
     assert summary["resumed"]["from_epoch"] == 2
+
+
+def test_ctrl_c_is_one_line_whose_command_continues_the_run(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) during training: exit 130 and one line on stderr, no traceback; the
+    command it prints, pasted into a shell elsewhere, finishes the run without retraining an epoch."""
+    out = tmp_path / "run"
+    args = [*RUN, "--set", "data.synthetic_size=2000", "--set", "method.K=4", "--set", "train.epochs=5"]
+    first = subprocess.Popen([sys.executable, "-m", "rrscale.cli", "train", *args, "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    done = _epochs(out)
+    assert done and done[-1] < 5, done
+    command = err.strip().split("continue with ", 1)[1]
+    resumed = subprocess.run(["bash", "-c", command.replace("rrscale train", f"{sys.executable} -m rrscale.cli train", 1)],
+                             cwd=tmp_path.parent, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _epochs(out) == [1, 2, 3, 4, 5]
