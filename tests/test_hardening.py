@@ -243,3 +243,22 @@ def test_metrics_lines_are_strict_json(tmp_path: Path) -> None:
 
     assert json.loads(line, parse_constant=refuse) == {"epoch": 1, "loss": None, "knn_top1": None}
     assert os.path.getsize(tmp_path / "metrics.jsonl") == len(line) + 1
+
+
+def test_sweep_records_are_strict_json(tmp_path: Path) -> None:
+    """A trial that fails before its first epoch reports knn_top1 NaN: the trial record and
+    sweep.json writers say null (numpy scalars too), so strict JSON readers can read them."""
+    from rrscale.engine.rundir import write_json
+    from rrscale.scale.trial_record import read_json
+    from rrscale.scale.trial_record import write_json as write_record
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    payload = {"knn_top1": math.nan, "loss": np.float32("inf"), "rows": [{"probe_top1": np.float64(0.25)}]}
+    write_record(str(tmp_path / "final.json"), payload)
+    write_json(tmp_path / "sweep.json", payload)
+    want = {"knn_top1": None, "loss": None, "rows": [{"probe_top1": 0.25}]}
+    for name in ("final.json", "sweep.json"):
+        assert json.loads((tmp_path / name).read_text(), parse_constant=refuse) == want
+    assert read_json(str(tmp_path / "final.json")) == want

@@ -267,7 +267,7 @@ def test_a_diverging_trial_fails_once_and_is_not_retried(ray_env: RayEnv) -> Non
     if mlflow_available():
         _, children = _children(ray_env)
         assert [c.info.status for c in children] == ["FAILED"]
-        assert "diverged" in children[0].data.tags["summary.error"]
+        assert "diverged" in children[0].data.tags["rrscale.error"]
 
 
 # ----------------------------------------------------------------------------- dashboard

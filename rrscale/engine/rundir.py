@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,8 +40,14 @@ class RunDirError(ValueError):
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
-    if isinstance(value, float):
+    """``value`` with every non-finite float replaced by ``None`` (JSON ``null``); numpy
+    scalars become plain numbers."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}

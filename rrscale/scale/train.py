@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from rrscale.config import ExperimentConfig, ScalingConfig, validate
+from rrscale.engine import rundir
 from rrscale.engine.checkpoint import load_checkpoint, save_checkpoint
 from rrscale.scale.trial_record import FAILED_FILE, FINAL_FILE, read_json, write_json
 
@@ -204,7 +205,7 @@ class RayHooks:
                 # checkpoint: a trial restarted after the driver died re-reports them instead
                 # of training again, and the tracking side finds the model next to them.
                 done = dict(payload)
-                files[FINAL_FILE] = lambda p: p.write_text(json.dumps(done, default=str))
+                files[FINAL_FILE] = lambda p: p.write_text(rundir.dumps(done))
                 last = self._last_state
                 if last is not None:
                     files[CHECKPOINT_FILE] = lambda p: save_checkpoint(last, p)
@@ -256,7 +257,7 @@ class RayHooks:
         files = None
         if self.rank == 0 and self.in_tune:
             failed = dict(payload)
-            files = {FAILED_FILE: lambda p: p.write_text(json.dumps(failed, default=str))}
+            files = {FAILED_FILE: lambda p: p.write_text(rundir.dumps(failed))}
         self._send(payload, files)
         return payload
 
@@ -433,7 +434,7 @@ def train_with_ray(cfg: ExperimentConfig, out_dir: Path, num_workers: int) -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = absolute_data_paths(cfg)
     scaling = cfg.scaling
-    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    rundir.write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
     need_cpus = cluster.cpus_needed(num_workers, scaling.cpus_per_worker)
     info = cluster.start_or_join(num_cpus=max(need_cpus, os.cpu_count() or 1))
     storage = scaling.storage_path or str(out_dir / "ray")
@@ -446,7 +447,7 @@ def train_with_ray(cfg: ExperimentConfig, out_dir: Path, num_workers: int) -> di
             cluster.shutdown(info)
     summary.setdefault("workers", num_workers)
     summary["ray_run"] = f"{storage.rstrip('/')}/{name}"
-    _write_json(out_dir / "summary.json", summary)
+    rundir.write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -463,12 +464,6 @@ def _fit(trainer: Any) -> dict[str, Any]:
     summary = dict(summary)
     summary.setdefault("status", "ok")
     return summary
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 __all__ = ["ReportShape", "RayHooks", "make_trainer", "retryable", "one_line", "train_loop_per_worker",

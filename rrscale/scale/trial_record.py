@@ -24,6 +24,8 @@ import json
 import math
 from typing import Any
 
+from rrscale.engine.rundir import json_safe
+
 ENDED_FILE = "rrscale-ended.json"
 FINAL_FILE = "final.json"
 FAILED_FILE = "failed.json"
@@ -64,7 +66,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     fs, p = storage_fs(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
-    data = json.dumps(payload, default=_plain).encode()
+    data = json.dumps(json_safe(payload), allow_nan=False, default=_plain).encode()
     tmp = f"{p}.tmp"
     with fs.open_output_stream(tmp) as fh:
         fh.write(data)
@@ -73,7 +75,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 def _plain(value: Any) -> Any:
     item = getattr(value, "item", None)
-    return item() if callable(item) else str(value)
+    return json_safe(item()) if callable(item) else str(value)
 
 
 def replayable(result: dict[str, Any] | None) -> dict[str, Any]:

@@ -70,6 +70,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from rrscale.config import ConfigError, ExperimentConfig
+from rrscale.engine.rundir import write_json
 from rrscale.scale import space, sweep_dir, trial_record
 from rrscale.tracking.naming import STOPPED_EARLY
 
@@ -459,9 +460,10 @@ class SweepTracker(Callback):
     """
 
     def __init__(self, state_file: str, base: dict[str, Any], cpus: float, gpus: float, mode: str,
-                 metric: str, stop_epochs: tuple[int, ...] = ()) -> None:
+                 metric: str, stop_epochs: tuple[int, ...] = (), schedule_metric: str = "knn_top1") -> None:
         self.state_file = state_file
         self.metric = metric
+        self.schedule_metric = schedule_metric
         self.base = base
         self.cpus = cpus
         self.gpus = gpus
@@ -622,7 +624,8 @@ class SweepTracker(Callback):
         error = str(last.get("error") or getattr(trial, "error_msg", "") or "").strip().splitlines()
         description = naming.describe_trial(
             dict(trial.config), outcome, metric=self.metric, score=last.get(self.metric) if final else None,
-            epochs=epochs, of_epochs=info.get("epochs"), knn=last.get("knn_top1"),
+            epochs=epochs, of_epochs=info.get("epochs"), signal=self.schedule_metric,
+            signal_value=last.get(self.schedule_metric),
             error=error[-1][:200] if error else "")
         ckpt_dir = None
         path = (self.checkpoints.get(trial.trial_id)
@@ -783,7 +786,7 @@ def build_tuner(cfg: ExperimentConfig, path: Path, *, resume: bool, cpus: float,
     else:
         scheduler = FIFOScheduler()
     tracker = SweepTracker(str(local / STATE_FILE), base, per_cpu, per_gpu, mode, t.metric,
-                           tuple(sorted(asha_stop_epochs(cfg))))
+                           tuple(sorted(asha_stop_epochs(cfg))), schedule_metric=t.schedule_metric)
     progress = SweepProgress(num_samples=t.num_samples, epochs=max_epochs, concurrency=max_conc, metric=t.metric,
                              mode=t.mode, schedule_metric=t.schedule_metric)
     # Tune retries a trial whose process or node was lost (and I/O errors); the trial itself
@@ -897,8 +900,7 @@ def summarize(results: Any, cfg: ExperimentConfig, facts: dict[str, Any], wall: 
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    (local / "sweep.json").write_text(json.dumps({"summary": summary, "rows": rows, "best_config": best_config},
-                                                 indent=2, default=str) + "\n")
+    write_json(local / "sweep.json", {"summary": summary, "rows": rows, "best_config": best_config})
     summary["rows"] = rows
     summary["best_config"] = best_config
     return summary
