@@ -54,7 +54,7 @@ def test_descriptions_say_sampled_values_and_outcome() -> None:
     assert naming.describe_trial(sampled, naming.RUNNING) == "K=4, lr=8.0e-4 — running"
     assert (naming.describe_trial(sampled, naming.FINISHED, metric="probe_top1", score=0.29499998688697815, epochs=4)
             == "K=4, lr=8.0e-4 — finished 4 epochs: probe_top1 0.295")
-    assert (naming.describe_trial(sampled, naming.STOPPED_EARLY, epochs=1, of_epochs=4, knn=0.21)
+    assert (naming.describe_trial(sampled, naming.STOPPED_EARLY, epochs=1, of_epochs=4, signal_value=0.21)
             == "K=4, lr=8.0e-4 — stopped early by ASHA after epoch 1 of 4 (knn_top1 0.21)")
     assert naming.describe_trial(sampled, naming.FAILED, epochs=2, error="diverged").endswith(
         "failed after epoch 2: diverged")

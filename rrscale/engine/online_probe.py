@@ -14,8 +14,8 @@ epoch), written for this loop. Choices and why:
   probe 6.6 points (``benchmarks/online_probe.py variants``, Adam 1e-2, epoch 4).
 * The first quarter of each training batch (``PROBE_BATCH_FRACTION``): the probe's step is one
   eval-mode forward of those images plus a tiny classifier step; on a conv4 K=4 N=64 CPU step
-  (``benchmarks/online_probe.py``, thread CPU time) a quarter costs 4.2 %, half 4.5-5.8 %, the
-  whole batch 7.2-7.8 % (target <= 5 %; part of it is a fixed per-call cost).
+  (``benchmarks/online_probe.py``, thread CPU time, medians of 300 steps) a quarter costs 4.2 %,
+  half 4.5 %, the whole batch 7.2 % (target <= 5 %; part of it is a fixed per-call cost).
 * Its own Adam optimiser at ``PROBE_LR`` and its own parameters, outside the method, so the
   SSL optimiser, DDP's gradient buckets and the backbone's gradients never see it; the
   features come from a ``no_grad`` pass, so nothing can flow back. Its initialisation uses a

@@ -3,8 +3,8 @@
 Ray Tune's own output (verbose tables, internal fields) is switched off; this Tune callback
 prints instead, on the driver::
 
-    trial 3f2a9c1d  finished        probe_top1 0.3120  K=4 aggregation=cat lr=8.1e-04  (4 epochs, 14 s)
-    trial 77b0e2aa  stopped early   after epoch 1, knn_top1 0.2010  K=2 aggregation=sum lr=3.3e-04
+    trial 3f2a9c1d  finished       probe_top1 0.3120  K=4 aggregation=cat lr=0.00081  (4 epochs, 0:14)
+    trial 77b0e2aa  stopped early  after epoch 1, relation_acc 0.7010  K=2 aggregation=sum lr=0.00033
     [0:41] 2/4 done: 1 finished, 1 stopped early | 2 running | epochs 9/16 | best probe_top1 0.3120 | ETA 0:25
 
 The status line is printed when a trial starts or ends and every :data:`HEARTBEAT_S` seconds

@@ -209,7 +209,7 @@ def bounded_http_retries() -> None:
 def quiet_logs() -> None:
     """MLflow's and alembic's INFO lines (table creation, migrations, "View run at") say
     nothing a user can act on; keep their warnings and errors. urllib3's "Retrying ..."
-    warnings under MLflow's HTTP client repeat what :func:`_guard` says once."""
+    warnings under MLflow's HTTP client repeat what :func:`guarded` says once."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -256,7 +256,7 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:300]}"
 
 
-def _guard(uri: str, what: str, default: T, fn: Callable[[], T]) -> T:
+def guarded(uri: str, what: str, default: T, fn: Callable[[], T]) -> T:
     """Run ``fn``; on failure log one warning and return ``default``. A server that stopped
     answering, or a failure that took :data:`SLOW_FAILURE_S`, marks ``uri`` down (see the
     module doc)."""
@@ -550,7 +550,7 @@ def start_sweep(experiment: str, tracking_uri: str, sweep_name: str, search_file
             _log_artifact_paths(client, run_id, [Path(search_file)], "start_sweep")
         return run_id
 
-    return _guard(uri, "start_sweep", "", body)
+    return guarded(uri, "start_sweep", "", body)
 
 
 def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags: dict[str, Any],
@@ -601,7 +601,7 @@ def start_trial(parent_run_id: str, trial_id: str, params: dict[str, Any], tags:
         _log_batch(client, run_id, params=flat)
         return run_id
 
-    return _guard(uri, "start_trial", "", body)
+    return guarded(uri, "start_trial", "", body)
 
 
 def log_epoch(run_id: str, metrics: dict[str, Any], step: int, *, tracking_uri: str | None = None) -> None:
@@ -617,7 +617,7 @@ def log_epoch(run_id: str, metrics: dict[str, Any], step: int, *, tracking_uri: 
     batch = _metrics(curves, step)
     if not batch:
         return
-    _guard(uri, "log_epoch", None, lambda: _log_batch(_client(uri), run_id, metrics=batch))
+    guarded(uri, "log_epoch", None, lambda: _log_batch(_client(uri), run_id, metrics=batch))
 
 
 def set_tags(run_id: str, tags: dict[str, Any], *, tracking_uri: str | None = None) -> None:
@@ -626,7 +626,7 @@ def set_tags(run_id: str, tags: dict[str, Any], *, tracking_uri: str | None = No
         return
     uri = _uri_for(run_id, tracking_uri)
     values = {_key(k): _tag_value(v) for k, v in tags.items()}
-    _guard(uri, "set_tags", None, lambda: _log_batch(_client(uri), run_id, tags=values))
+    guarded(uri, "set_tags", None, lambda: _log_batch(_client(uri), run_id, tags=values))
 
 
 def log_dataset(run_id: str, name: str, digest: str, source: str, *, context: str = "training",
@@ -649,7 +649,7 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, *, context: st
             return
         client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
 
-    _guard(uri, "log_dataset", None, body)
+    guarded(uri, "log_dataset", None, body)
 
 
 def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir: Path | None,
@@ -683,7 +683,7 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
     if description:
         tags[NOTE_TAG] = _tag_value(description)
     client = _client(uri)
-    _guard(uri, "end_trial (metrics)", None,
+    guarded(uri, "end_trial (metrics)", None,
            lambda: _log_batch(client, run_id, metrics=_metrics(metrics, 0), tags=tags))
     if checkpoint_dir is not None:
         ckpt = Path(checkpoint_dir)
@@ -696,8 +696,8 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
             else:
                 log.warning("MLflow end_trial: checkpoint %s does not exist; not uploaded", ckpt)
 
-        _guard(uri, "end_trial (checkpoint)", None, upload)
-    _guard(uri, "end_trial (terminate)", None, lambda: client.set_terminated(run_id, final))
+        guarded(uri, "end_trial (checkpoint)", None, upload)
+    guarded(uri, "end_trial (terminate)", None, lambda: client.set_terminated(run_id, final))
 
 
 def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[str, Any],
@@ -712,15 +712,15 @@ def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[
     nums, tags = _split_summary(summary, "summary.")
     final, outcome = _status(status)
     tags[STATUS_TAG] = outcome
-    _guard(uri, "finish_sweep (summary)", None,
+    guarded(uri, "finish_sweep (summary)", None,
            lambda: _log_batch(client, parent_run_id, metrics=_metrics(nums, 0), tags=tags))
     if best_config:
-        _guard(uri, "finish_sweep (best config)", None,
+        guarded(uri, "finish_sweep (best config)", None,
                lambda: client.log_dict(parent_run_id, best_config, "best_config.json"))
     if artifacts:
-        _guard(uri, "finish_sweep (artifacts)", None,
+        guarded(uri, "finish_sweep (artifacts)", None,
                lambda: _log_artifact_paths(client, parent_run_id, list(artifacts), "finish_sweep"))
-    _guard(uri, "finish_sweep (terminate)", None, lambda: client.set_terminated(parent_run_id, final))
+    guarded(uri, "finish_sweep (terminate)", None, lambda: client.set_terminated(parent_run_id, final))
 
 
 def close_stray_trials(parent_run_id: str, keep: set[str], *, tracking_uri: str | None = None) -> list[str]:
@@ -756,7 +756,7 @@ def close_stray_trials(parent_run_id: str, keep: set[str], *, tracking_uri: str 
             log.info("MLflow: closed %d run(s) of trials lost with the driver: %s", len(closed), ", ".join(closed))
         return closed
 
-    return _guard(uri, "close_stray_trials", [], body)
+    return guarded(uri, "close_stray_trials", [], body)
 
 
 def _last_logged_step(client: MlflowClient, run: Any) -> int:
@@ -772,7 +772,7 @@ def set_experiment_tag(tracking_uri: str, experiment_id: str, key: str, value: s
     """Set a tag of an experiment (e.g. the comparison view, :mod:`rrscale.tracking.links`).
     The value is written whole (MLflow takes up to 20,000 characters) or not at all."""
     uri = tracking_uri or resolve_tracking_uri("")
-    _guard(uri, "set_experiment_tag", None, lambda: _client(uri).set_experiment_tag(experiment_id, _key(key), value))
+    guarded(uri, "set_experiment_tag", None, lambda: _client(uri).set_experiment_tag(experiment_id, _key(key), value))
 
 
 def get_run(run_id: str, *, tracking_uri: str | None = None) -> Any | None:
@@ -780,7 +780,7 @@ def get_run(run_id: str, *, tracking_uri: str | None = None) -> Any | None:
     if not run_id:
         return None
     uri = _uri_for(run_id, tracking_uri)
-    return _guard(uri, "get_run", None, lambda: _client(uri).get_run(run_id))
+    return guarded(uri, "get_run", None, lambda: _client(uri).get_run(run_id))
 
 
 def forget_failures() -> None:

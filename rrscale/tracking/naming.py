@@ -94,9 +94,10 @@ def _score(name: str, value: Any) -> str:
 
 
 def describe_trial(sampled: Mapping[str, Any], outcome: str, *, metric: str = "", score: Any = None,
-                   epochs: int | None = None, of_epochs: int | None = None, knn: Any = None,
-                   error: str = "") -> str:
-    """One line for MLflow's run description: the sampled values, then what became of the trial."""
+                   epochs: int | None = None, of_epochs: int | None = None, signal: str = "knn_top1",
+                   signal_value: Any = None, error: str = "") -> str:
+    """One line for MLflow's run description: the sampled values, then what became of the trial
+    (a stopped trial: the last value of ``signal``, the per-epoch metric ASHA stopped it on)."""
     head = sampled_text(sampled) or "no sampled values"
     if outcome == FINISHED:
         tail = f"finished {epochs} epochs" if epochs else "finished"
@@ -106,7 +107,7 @@ def describe_trial(sampled: Mapping[str, Any], outcome: str, *, metric: str = ""
         tail = "stopped early by ASHA"
         if epochs:
             tail += f" after epoch {epochs}" + (f" of {of_epochs}" if of_epochs else "")
-        got = _score("knn_top1", knn)
+        got = _score(signal, signal_value)
         tail += f" ({got})" if got else ""
     elif outcome == FAILED:
         tail = "failed" + (f" after epoch {epochs}" if epochs else "") + (f": {error}" if error else "")

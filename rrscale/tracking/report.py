@@ -28,7 +28,7 @@ from rrscale import __version__
 from rrscale.config import set_dotted
 from rrscale.tracking import links
 from rrscale.tracking.importance import Importances, study_importances
-from rrscale.tracking.mlflow import GIT_TAG, NOTE_TAG, resolve_tracking_uri
+from rrscale.tracking.mlflow import GIT_TAG, NOTE_TAG, guarded, resolve_tracking_uri
 from rrscale.tracking.plots import write_plots
 from rrscale.tracking.sweeps import Sweep, load_curves, load_sweep
 from rrscale.tracking.table import MAX_AXES, fmt_param, outcome_counts, table
@@ -235,7 +235,7 @@ def write_report(sw: Sweep, path: Path, plots: list[Path], client: MlflowClient 
 def build_report(client: MlflowClient, sw: Sweep, out_dir: Path, report: Path | None = None) -> list[Path]:
     """Plots into ``out_dir`` and the report (``out_dir/report.html`` unless ``report``);
     returns the report first, then the plots."""
-    curve = load_curves(client, sw, "knn_top1")
+    curve = load_curves(client, sw, sw.schedule_metric)
     plots = write_plots(sw, Path(out_dir), curve)
     page = write_report(sw, Path(report) if report else Path(out_dir) / "report.html", plots, client,
                         sweep_importances(sw))
@@ -252,12 +252,14 @@ def upload_report(client: MlflowClient, run_id: str, report: Path) -> None:
 
 def attach_report(parent_run_id: str, tracking_uri: str) -> list[str]:
     """Build the sweep's report and plots and attach them to its parent run (``report.html``,
-    ``plots/*.png``); returns the artifact paths. Never raises: reporting must never fail a
-    sweep (a warning says what went wrong)."""
+    ``plots/*.png``); returns the artifact paths. Never raises: it runs under the tracker's
+    guard (:func:`rrscale.tracking.mlflow.guarded`), so a failure is one warning and a server
+    already known to be down is not asked again."""
     if not parent_run_id:
         return []
-    try:
-        uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+
+    def build_and_attach() -> list[str]:
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(parent_run_id)
         exp = client.get_experiment(parent.info.experiment_id)
@@ -268,7 +270,5 @@ def attach_report(parent_run_id: str, tracking_uri: str) -> list[str]:
             for p in plots:
                 client.log_artifact(parent_run_id, str(p), artifact_path="plots")
         return ["report.html", *(f"plots/{p.name}" for p in plots)]
-    except Exception as exc:  # noqa: BLE001 - reporting must never kill a sweep
-        log.warning("sweep report for run %s failed (%s: %s)", parent_run_id, type(exc).__name__,
-                    str(exc).splitlines()[0][:300] if str(exc) else "")
-        return []
+
+    return guarded(uri, "sweep report", [], build_and_attach)

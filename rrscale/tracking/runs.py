@@ -102,7 +102,7 @@ def main(experiment_name: str | None, tracking_uri: str = "", plots: Path | None
               + (f"  (start the UI with: {hint})" if hint else ""))
         written: list[Path] = []
         if plots is not None:
-            written = write_plots(sw, Path(plots), load_curves(client, sw, "knn_top1"))
+            written = write_plots(sw, Path(plots), load_curves(client, sw, sw.schedule_metric))
             shown = ", ".join(str(p) for p in written) if written else "none (fewer than two scored trials)"
             print(f"plots: {shown}")
         if report is not None:

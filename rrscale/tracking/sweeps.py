@@ -126,6 +126,13 @@ class Sweep:
         return f"{len(self.parents)} sweeps" if self.parents else self.experiment
 
     @property
+    def schedule_metric(self) -> str:
+        """The per-epoch signal the sweep's ASHA stopped on (``tune.schedule_metric`` of its
+        parent run; ``knn_top1`` when the parents disagree or do not say)."""
+        found = {p.params.get("tune.schedule_metric") for p in self.parents} - {None}
+        return str(found.pop()) if len(found) == 1 else "knn_top1"
+
+    @property
     def space(self) -> dict[str, str]:
         """The searched axes as the parent run records them (``method.K`` -> ``choice[2, 4]``)."""
         out: dict[str, str] = {}
