@@ -199,7 +199,7 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
     server, url = start_mlflow_server(ray_env.tmp / "server")
     tiny = {"scheduler": "none", "num_samples": 2, "max_concurrent_trials": 2}
     path_a = sweep_yaml(ray_env.tmp, "a", tune=tiny)
-    path_b = sweep_yaml(ray_env.tmp, "b", train={"epochs": 4}, tune=tiny)
+    path_b = sweep_yaml(ray_env.tmp, "b", train={"epochs": 6}, tune=tiny)
     marker = ray_env.tmp / "crashed.json"
     common = dict(cwd=ray_env.tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     a = subprocess.Popen([sys.executable, "-m", "rrscale.cli", "tune", str(path_a)],
@@ -218,7 +218,8 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
         while time.time() < deadline and not logged:
             assert b.poll() is None, b.communicate()
             exp = client.get_experiment_by_name("rrscale-tests")
-            logged = bool(exp) and any("knn_top1" in r.data.metrics for r in client.search_runs([exp.experiment_id]))
+            logged = bool(exp) and any("epoch/knn_top1" in r.data.metrics  # an epoch, not a trial's end
+                                        for r in client.search_runs([exp.experiment_id]))
             time.sleep(0.5)
         assert logged, "no epoch of b reached MLflow"
         stop_mlflow_server(server)

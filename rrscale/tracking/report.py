@@ -94,7 +94,7 @@ def _best_config(client: MlflowClient | None, sw: Sweep) -> tuple[dict[str, Any]
                 with tempfile.TemporaryDirectory() as tmp:
                     local = _quiet_download(client, parent.run_id, "best_config.json", tmp)
                     return json.loads(Path(local).read_text()), "best_config.json of the sweep run"
-        except Exception as exc:  # noqa: BLE001
+        except (OSError, ValueError) as exc:  # a bad file; MLflow's own failures go to the caller's guard
             log.warning("could not read best_config.json of run %s (%s)", parent.run_id, exc)
     best = sw.best
     if best is None:
