@@ -28,6 +28,7 @@ from tests.scale_fixtures import (
     _results,
     end_processes,
     ray_env,  # noqa: F401  (fixture)
+    run_cli,
     sweep_yaml,
 )
 
@@ -251,10 +252,27 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
     parents, children = _mlflow_children(ray_env.mlflow_db)
     assert len(parents) == 1 and parents[0].data.tags["rrscale.sweep"] == "a" and len(children) == 2
     # b: one line about the lost server, no retry chatter, and no minutes lost per call
-    said = [ln for ln in (out_b + err_b).splitlines() if url in ln and ("failed" in ln or "answer" in ln)]
+    said = [ln for ln in (out_b + err_b).splitlines()
+            if url in ln and ("failed" in ln or "answer" in ln) and "stay RUNNING" not in ln]
     assert len(said) == 1 and "does not answer" in said[0], (out_b + err_b)[-5000:]
     assert "Retrying" not in err_b
     assert after_kill < 150, after_kill
+    # b's trials ended while the server was down: their runs stay open, b says so and how to
+    # close them; once the server is back at the same URI, that command closes them with their numbers
+    store = ray_env.tmp / "server" / "server.db"
+    assert sum("stay RUNNING" in ln and "rrscale tune --resume" in ln for ln in out_b.splitlines()) == 1, out_b
+    _, kids = _mlflow_children(store)
+    assert any(c.info.status == "RUNNING" for c in kids)
+    server, _ = start_mlflow_server(ray_env.tmp / "server", port=int(url.rsplit(":", 1)[1]))
+    try:
+        resumed = run_cli(ray_env, "tune", "--resume", str(_sweep_dir(ray_env, "b")), timeout=240)
+    finally:
+        stop_mlflow_server(server)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stay RUNNING" not in resumed.stdout
+    parents, kids = _mlflow_children(store)
+    assert [p.info.status for p in parents] == ["FINISHED"] and len(kids) == 2
+    assert all(c.info.status == "FINISHED" and "probe_top1" in c.data.metrics for c in kids), kids
 
 
 _START_SWEEP = """

@@ -39,12 +39,13 @@ def _healthy(url: str) -> bool:
 
 
 def start_mlflow_server(root: Path, timeout_s: float = SERVER_START_TIMEOUT_S,
-                        backend: str = "") -> tuple[subprocess.Popen, str]:
+                        backend: str = "", port: int = 0) -> tuple[subprocess.Popen, str]:
     """Start ``mlflow server`` (sqlite backend, proxied artifacts, one uvicorn worker) under
     ``root`` and wait (bounded) until ``/health`` answers. Returns the process and its URI.
-    ``backend``: an existing store to serve (default: a new ``root/server.db``)."""
+    ``backend``: an existing store to serve (default: ``root/server.db``, new or not);
+    ``port``: e.g. a stopped server's, to bring it back at the same URI (default: a free one)."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_file = open(root / "server.log", "wb")  # noqa: SIM115 - closed by the caller via proc
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}

@@ -480,6 +480,7 @@ class SweepTracker(Callback):
         self.datasets: dict[str, dict[str, Any]] = {}
         self.logged_datasets: set[str] = set()
         self.strays_closed = False
+        self.unclosed: dict[str, dict[str, Any]] = {}  # trial id -> the ending MLflow did not take
 
     def _load(self) -> None:
         try:
@@ -632,9 +633,37 @@ class SweepTracker(Callback):
                 or (trial.checkpoint.path if trial.checkpoint is not None else None))
         if path and "://" not in str(path) and Path(path).exists():
             ckpt_dir = Path(path)
-        run = self.runs.get(trial.trial_id, "")
-        tracking.end_trial(run, summary, status, ckpt_dir if not failed else None, description=description,
-                           tracking_uri=self.uri or None)
+        ending = {"run": self.runs.get(trial.trial_id, ""), "summary": summary, "status": status,
+                  "checkpoint": str(ckpt_dir) if ckpt_dir is not None and not failed else None,
+                  "description": description}
+        if not self._end_run(ending):
+            self.unclosed[trial.trial_id] = ending
+
+    def _end_run(self, ending: dict[str, Any]) -> bool:
+        from rrscale.tracking import mlflow as tracking
+
+        ckpt = ending["checkpoint"]
+        return tracking.end_trial(ending["run"], ending["summary"], ending["status"],
+                                  Path(ckpt) if ckpt and Path(ckpt).exists() else None,
+                                  description=ending["description"], tracking_uri=self.uri or None)
+
+    def close_unclosed(self, final: bool) -> None:
+        """Close the runs of trials that ended while MLflow did not answer, once it answers (at the
+        end of this driver, or on a later ``--resume``). ``final``: say what stays open."""
+        from rrscale.tracking import mlflow as tracking
+
+        if not self.unclosed:
+            return
+        if not self.parent:
+            self._load()
+        if self.uri and tracking.answers(self.uri):
+            for trial_id, ending in list(self.unclosed.items()):
+                if self._end_run(ending):
+                    del self.unclosed[trial_id]
+        if final and self.unclosed:
+            print(f"rrscale: MLflow did not answer: {len(self.unclosed)} trial run(s) stay RUNNING; "
+                  f"rrscale tune --resume {shlex.quote(str(Path(self.state_file).parent))} closes them once "
+                  f"{self.uri} answers", flush=True)
 
     def close_strays(self, trials: list) -> None:
         """Once per driver: close the child runs of trials that Tune's state does not hold (the
@@ -672,9 +701,11 @@ class SweepTracker(Callback):
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self.strays_closed:
             self.close_strays(trials)
+            self.close_unclosed(final=False)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.interrupted(trials)
+        self.close_unclosed(final=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trial_start(trial)
@@ -691,13 +722,14 @@ class SweepTracker(Callback):
     def get_state(self) -> dict | None:
         return {"runs": self.runs, "startup": self.startup, "ended": sorted(self.ended),
                 "checkpoints": self.checkpoints, "datasets": self.datasets,
-                "logged_datasets": sorted(self.logged_datasets)}
+                "logged_datasets": sorted(self.logged_datasets), "unclosed": self.unclosed}
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
         self.startup.update(state.get("startup", {}))
         self.ended = set(state.get("ended", []))
         self.checkpoints.update(state.get("checkpoints", {}))
+        self.unclosed.update(state.get("unclosed", {}))
         self.datasets.update(state.get("datasets", {}))
         self.logged_datasets.update(state.get("logged_datasets", []))
 

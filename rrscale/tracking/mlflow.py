@@ -236,6 +236,19 @@ def unreachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> str:
     return ""
 
 
+def answers(uri: str) -> bool:
+    """Whether the tracking server answers now. A server marked down that answers again is
+    unmarked at once (not after the cool-down), so a caller can catch up before it exits."""
+    why = unreachable(uri)
+    if why:
+        return False
+    with _lock:
+        was_down = _down_until.pop(uri, None) is not None
+    if was_down:
+        log.warning("MLflow: %s answers again; tracking resumes (runs miss what happened meanwhile)", uri)
+    return True
+
+
 def _remember(run_id: str, uri: str) -> None:
     if run_id:
         with _lock:
@@ -653,7 +666,7 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, *, context: st
 
 
 def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir: Path | None,
-              *, description: str = "", tracking_uri: str | None = None) -> None:
+              *, description: str = "", tracking_uri: str | None = None) -> bool:
     """Log the final numbers of a trial, its checkpoint, and close it.
 
     ``summary`` is what the trial ended with: scores (``probe_top1``, ``knn_top1``, ``nmi``...)
@@ -665,10 +678,12 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
     ``checkpoint_dir`` (a folder, or one file) is uploaded under ``checkpoint/``.
     ``status``: FINISHED, EARLY_STOPPED (MLflow FINISHED, ``rrscale.status = stopped early``),
     FAILED or KILLED (``interrupted``); Ray's TERMINATED and ERROR are accepted too.
-    ``description`` replaces the run's description when given.
+    ``description`` replaces the run's description when given. Returns False when the run could
+    not be closed (the server did not answer): the caller may call again later with the same
+    arguments (values MLflow already holds are not logged twice).
     """
     if not run_id:
-        return
+        return True
     uri = _uri_for(run_id, tracking_uri)
     metrics, tags = naming.split_final(summary)
     with _lock:
@@ -697,7 +712,7 @@ def end_trial(run_id: str, summary: dict[str, Any], status: str, checkpoint_dir:
                 log.warning("MLflow end_trial: checkpoint %s does not exist; not uploaded", ckpt)
 
         guarded(uri, "end_trial (checkpoint)", None, upload)
-    guarded(uri, "end_trial (terminate)", None, lambda: client.set_terminated(run_id, final))
+    return guarded(uri, "end_trial (terminate)", False, lambda: client.set_terminated(run_id, final) or True)
 
 
 def finish_sweep(parent_run_id: str, summary: dict[str, Any], best_config: dict[str, Any],
