@@ -176,7 +176,8 @@ class SweepProgress(Callback):
         sampled = sampled_text(dict(trial.config or {}))
         head = f"trial {trial.trial_id}  {state:<14}"
         if state == "failed":
-            error = str(last.get("error") or "see the trial's error.txt").splitlines()[0][:200]
+            error = str(last.get("error") or "see the trial's error.txt").splitlines()[0]
+            error = error if len(error) <= 200 else error[:199] + "…"
             return f"{head} {error}  {sampled}"
         if state == STOPPED_EARLY:
             value = last.get(self.schedule_metric)
