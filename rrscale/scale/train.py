@@ -247,6 +247,8 @@ class RayHooks:
         """The final report of a run that failed for good (every rank calls it; rank 0's
         payload counts); ``detail`` (a traceback) travels in the report, not to the console."""
         payload: dict[str, Any] = {"status": "failed", "error": error}
+        if self.history:  # the epochs it completed before failing (the table and MLflow say so)
+            payload["epochs"] = int(self.history[-1].get("epoch", 0))
         if detail:
             payload["traceback"] = detail[-4000:]
         if self.shape is not None:
