@@ -169,6 +169,18 @@ def mlflow_available() -> bool:
     return (REPO / "rrscale" / "tracking" / "mlflow.py").exists()
 
 
+def sweep_runs(tracking_uri: str, experiment: str = "rrscale-tests") -> tuple[list[Any], list[Any]]:
+    """(parent runs, child runs) of ``experiment`` in the MLflow store at ``tracking_uri``."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
     """The result.json lines Tune wrote for one trial."""
     import json

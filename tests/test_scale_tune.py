@@ -23,6 +23,7 @@ from tests.scale_fixtures import (
     mlflow_available,
     ray_env,  # noqa: F401  (fixture)
     run_cli,
+    sweep_runs,
     sweep_yaml,
     write_yaml,
 )
@@ -129,17 +130,6 @@ def _study(env: RayEnv, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{_sweep_dir(env, name) / 'optuna.db'}")
 
 
-def _children(env: RayEnv, experiment: str = "rrscale-tests") -> tuple[Any, Any]:
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(env.tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
 @pytest.mark.timeout(300, method="thread")
 def test_four_trial_sweep_optuna_proposes_and_every_trial_reports_probe_top1(ray_env: RayEnv) -> None:
     path = sweep_yaml(ray_env.tmp, "four", tune={"scheduler": "none"},
@@ -173,7 +163,7 @@ def test_four_trial_sweep_optuna_proposes_and_every_trial_reports_probe_top1(ray
     if mlflow_available():
         import mlflow
 
-        parents, children = _children(ray_env)
+        parents, children = sweep_runs(ray_env.tracking_uri)
         assert len(parents) == 1 and len(children) == 4
         parent = parents[0]
         assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
@@ -226,7 +216,7 @@ def test_asha_stops_a_poor_trial_early_and_optuna_hears_pruned(ray_env: RayEnv) 
     assert states.count("PRUNED") == len(stopped) and states.count("COMPLETE") == len(finished)
     assert {r["trial_id"] for r in rows} >= {r["trial_id"] for r in stopped}
     if mlflow_available():
-        _, children = _children(ray_env)
+        _, children = sweep_runs(ray_env.tracking_uri)
         by_trial = {c.data.tags["rrscale.trial_id"]: c for c in children}
         for r in stopped:  # MLflow never shows the kNN stand-in under probe_top1
             run = by_trial[r["trial_id"]]
@@ -265,7 +255,7 @@ def test_a_diverging_trial_fails_once_and_is_not_retried(ray_env: RayEnv) -> Non
     assert _study(ray_env, "div").trials[0].state == optuna.trial.TrialState.FAIL
     assert time.time() - tic < 200
     if mlflow_available():
-        _, children = _children(ray_env)
+        _, children = sweep_runs(ray_env.tracking_uri)
         assert [c.info.status for c in children] == ["FAILED"]
         assert "diverged" in children[0].data.tags["rrscale.error"]
 

@@ -163,7 +163,7 @@ def test_sweep_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) 
 
 def test_check_storage_refuses_a_file_and_an_unwritable_folder_and_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match=r"^f.yaml: tune.storage_path: expected a folder \(got the file"):
+    with pytest.raises(ConfigError, match=r"^f.yaml: tune.storage_path: '.*file' is a file; expected a folder to write into$"):
         sweep_dir.check_storage(str(tmp_path / "file"), "f.yaml")
     with pytest.raises(ConfigError, match="is a file"):
         sweep_dir.check_storage(str(tmp_path / "file" / "below"), "f.yaml")
@@ -174,7 +174,7 @@ def test_check_storage_refuses_a_file_and_an_unwritable_folder_and_writes_nothin
     if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (an immutable folder is how root gets a read-only one)")
     try:
-        with pytest.raises(ConfigError, match="expected a folder this user can write"):
+        with pytest.raises(ConfigError, match="expected a writable folder"):
             sweep_dir.check_storage(str(locked / "sweeps"), "f.yaml")
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
@@ -189,7 +189,7 @@ def test_storage_path_that_is_a_file_is_one_line_exit_2_before_ray(ray_env: RayE
     path = sweep_yaml(ray_env.tmp, "s", tune={"storage_path": str(ray_env.tmp / "taken")})
     assert main(["tune", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "tune.storage_path: expected a folder" in err, err
+    assert err.count("\n") == 0 and "tune.storage_path: '" in err and "expected a folder to write into" in err, err
     assert not ray.is_initialized() and ray_env.session_dirs() == []
     assert main(["tune", str(ray_env.tmp), "--resume"]) == 2  # a folder that is no sweep
     err = capsys.readouterr().err.strip()

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -29,6 +28,7 @@ from tests.scale_fixtures import (
     end_processes,
     ray_env,  # noqa: F401  (fixture)
     run_cli,
+    sweep_runs,
     sweep_yaml,
 )
 
@@ -73,17 +73,6 @@ def _printed(text: str, label: str) -> str:
     return match.group(1).strip()
 
 
-def _mlflow_children(db: Path, experiment: str = "rrscale-tests") -> tuple[list[Any], list[Any]]:
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
 # ----------------------------------------------------------------------------- Ctrl-C, SIGKILL, resume
 
 
@@ -115,7 +104,7 @@ def test_ctrl_c_then_sigkill_at_a_completion_then_resume_in_a_new_shell(ray_env:
     assert first.returncode == 130, err[-3000:]
     resume = _printed(out, "continue the sweep:")
     assert resume == f"rrscale tune --resume {sweep}"
-    parents, children = _mlflow_children(db)
+    parents, children = sweep_runs(f"sqlite:///{db}")
     assert [p.data.tags.get("rrscale.status") for p in parents] == ["interrupted"]
     assert children and all(c.info.status != "RUNNING" for c in children)
     assert "interrupted" in {c.data.tags.get("rrscale.status") for c in children}
@@ -161,7 +150,7 @@ def test_ctrl_c_then_sigkill_at_a_completion_then_resume_in_a_new_shell(ray_env:
         results = _results(sweep / trial)
         if trial in ids and any(r.get("final") for r in results[:count]):
             assert not any(r.get("epoch") for r in results[count:]), trial
-    parents, children = _mlflow_children(db)
+    parents, children = sweep_runs(f"sqlite:///{db}")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["rrscale.trial_id"] for c in children) == sorted(ids)  # each trial once
     assert all(c.info.status == "FINISHED" for c in children)
@@ -249,7 +238,7 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
     # a: the trial process that died once was retried (a lost process is worth another try)
     assert json.loads(marker.read_text())["epoch"] == 1
     assert any("Failure # 1" in p.read_text() for p in _sweep_dir(ray_env, "a").glob("*/error.txt"))
-    parents, children = _mlflow_children(ray_env.mlflow_db)
+    parents, children = sweep_runs(f"sqlite:///{ray_env.mlflow_db}")
     assert len(parents) == 1 and parents[0].data.tags["rrscale.sweep"] == "a" and len(children) == 2
     # b: one line about the lost server, no retry chatter, and no minutes lost per call
     said = [ln for ln in (out_b + err_b).splitlines()
@@ -261,7 +250,7 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
     # close them; once the server is back at the same URI, that command closes them with their numbers
     store = ray_env.tmp / "server" / "server.db"
     assert sum("stay RUNNING" in ln and "rrscale tune --resume" in ln for ln in out_b.splitlines()) == 1, out_b
-    _, kids = _mlflow_children(store)
+    _, kids = sweep_runs(f"sqlite:///{store}")
     assert any(c.info.status == "RUNNING" for c in kids)
     server, _ = start_mlflow_server(ray_env.tmp / "server", port=int(url.rsplit(":", 1)[1]))
     try:
@@ -270,7 +259,7 @@ def test_two_sweeps_at_once_a_third_with_a_taken_name_and_mlflow_dying_mid_sweep
         stop_mlflow_server(server)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stay RUNNING" not in resumed.stdout
-    parents, kids = _mlflow_children(store)
+    parents, kids = sweep_runs(f"sqlite:///{store}")
     assert [p.info.status for p in parents] == ["FINISHED"] and len(kids) == 2
     assert all(c.info.status == "FINISHED" and "probe_top1" in c.data.metrics for c in kids), kids
 

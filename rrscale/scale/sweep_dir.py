@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import yaml
 
 from rrscale.config import ConfigError, ExperimentConfig
+from rrscale.engine.rundir import RunDirError, check_writable
 
 LOCK_FILE = ".rrscale.lock"
 EXPERIMENT_FILE = "experiment.yaml"
@@ -36,24 +36,14 @@ class SweepBusy(RuntimeError):
 
 
 def check_storage(storage: str, source: str) -> None:
-    """One ConfigError line when ``tune.storage_path`` (local) is a file or cannot be written."""
+    """One ConfigError line when ``tune.storage_path`` (local) is a file or cannot be written
+    (the same real-write check as ``rrscale train --out``)."""
     if "://" in storage:
         return
-    path = Path(storage)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{source}: tune.storage_path: expected a folder (got the file {path})")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{source}: tune.storage_path: expected a folder ({existing} is a file)")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rrscale-write-test-", dir=existing)
-    except OSError as exc:
-        raise ConfigError(f"{source}: tune.storage_path: expected a folder this user can write "
-                          f"({existing}: {exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
+        check_writable(Path(storage), "tune.storage_path")
+    except RunDirError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 class SweepLock:

@@ -588,7 +588,6 @@ class SweepTracker(Callback):
         tracking.log_epoch(run, curves, int(result["epoch"]), tracking_uri=self.uri or None)
 
     def trial_end(self, trial: Any, failed: bool) -> None:
-        from rrscale.tracking import mlflow as tracking
         from rrscale.tracking import naming
 
         if trial.trial_id in self.ended:
