@@ -12,7 +12,7 @@ from torch import nn
 
 from rrscale.config import BackboneConfig, GediConfig, SGLDConfig, load_config
 from rrscale.data.toy import make_circles, make_moons
-from rrscale.engine.clustering import auroc, cluster_acc, contingency, kmeans, nmi
+from rrscale.engine.clustering import ari, auroc, cluster_acc, contingency, kmeans, nmi
 from rrscale.methods.base import Method, TrainingDiverged
 from rrscale.methods import build_method
 from rrscale.methods.gedi import (
@@ -458,6 +458,19 @@ def test_nmi_hand_worked() -> None:
     assert value == pytest.approx(mi / ((h_pred + h_lab) / 2), abs=1e-12)
     assert value == pytest.approx(0.4787, abs=1e-4)
     assert nmi(torch.tensor([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 1, 1])) == pytest.approx(value)
+
+
+def test_ari_hand_worked_and_not_fooled_by_over_clustering() -> None:
+    assert ari([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert ari([5, 5, 5], [2, 2, 2]) == pytest.approx(1.0)
+    # independent halves: index 0, expected 2 * 2 / 6, best 2 -> -0.5
+    assert ari([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    # contingency [[2, 1], [0, 3]]: index 4, rows 6, columns 7, pairs 15 -> (4 - 2.8) / (6.5 - 2.8)
+    assert ari([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]) == pytest.approx(1.2 / 3.7, abs=1e-12)
+    labels = [0] * 10 + [1] * 10
+    singletons = list(range(20))  # every point its own cluster: NMI rewards it, ARI does not
+    assert nmi(singletons, labels) == pytest.approx(math.log(2) / ((math.log(20) + math.log(2)) / 2))
+    assert ari(singletons, labels) == pytest.approx(0.0)
 
 
 def test_cluster_acc_hand_worked() -> None:

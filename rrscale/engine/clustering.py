@@ -1,4 +1,4 @@
-"""Clustering and OOD scores: NMI, cluster accuracy, AUROC and a small k-means baseline.
+"""Clustering and OOD scores: NMI, ARI, cluster accuracy, AUROC and a small k-means baseline.
 
 These are the evaluation numbers of GEDI (Sansone & Manhaeve, arXiv:2401.00873, docs/methods.md
 §2 "Evaluation"): NMI and ACC of the argmax cluster against the true labels, and AUROC of an
@@ -71,6 +71,29 @@ def nmi(pred: ArrayLike, labels: ArrayLike) -> float:
     nz = joint > 0
     mi = float((joint[nz] * np.log(joint[nz] / outer[nz])).sum())
     return float(np.clip(mi / ((h_p + h_y) / 2.0), 0.0, 1.0))
+
+
+def ari(pred: ArrayLike, labels: ArrayLike) -> float:
+    """Adjusted Rand index (Hubert & Arabie 1985): pair agreement corrected for chance.
+
+    Unlike NMI it does not reward over-clustering: spreading N points over many small clusters
+    raises NMI (a sweep over ``method.clusters`` that maximises NMI drifts there) while ARI stays
+    near 0. 1.0 for identical partitions (also when the chance term leaves nothing to adjust),
+    about 0 for independent ones, negative below chance.
+    """
+    table = contingency(pred, labels).astype(np.float64)
+
+    def pairs(counts: np.ndarray) -> float:
+        return float((counts * (counts - 1) / 2.0).sum())
+
+    index = pairs(table)
+    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
+    n = table.sum()
+    expected = rows * cols / (n * (n - 1) / 2.0) if n > 1 else 0.0
+    best = (rows + cols) / 2.0
+    if best == expected:
+        return 1.0
+    return float((index - expected) / (best - expected))
 
 
 def cluster_acc(

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rrscale.config import GediConfig
-from rrscale.engine.clustering import auroc, cluster_acc, nmi
+from rrscale.engine.clustering import ari, auroc, cluster_acc, nmi
 from rrscale.methods.base import TrainingDiverged
 from rrscale.methods.sgld import PersistentSGLD, eval_mode, langevin, uniform_noise
 from rrscale.nets.heads import projector
@@ -299,7 +299,8 @@ class Gedi(nn.Module):
         ``x_test`` ``(N, ...)`` is scaled like the training views, ``y_test`` ``(N,)`` holds labels
         (negative = unlabelled, skipped for NMI/ACC). Returns:
 
-        * ``nmi``, ``acc``: argmax cluster vs labels. ACC uses the Hungarian one-to-one map when
+        * ``nmi``, ``ari``, ``acc``: argmax cluster vs labels (ARI is chance-adjusted: the fair
+          objective when a sweep varies ``clusters``, since NMI grows with over-clustering). ACC uses the Hungarian one-to-one map when
           ``clusters >= classes`` (the standard metric; surplus clusters count as errors) and
           the best-overlap (majority) map otherwise, where one-to-one would have to leave
           classes unmatched. ``clusters_used``: distinct argmax clusters on the test set.
@@ -321,6 +322,7 @@ class Gedi(nn.Module):
                 p, y = pred[labelled], y_test[labelled]
                 classes = int(torch.unique(y).numel())
                 out["nmi"] = nmi(p, y)
+                out["ari"] = ari(p, y)
                 out["acc"] = cluster_acc(p, y, "hungarian" if self.cfg.clusters >= classes else "majority")
             out["clusters_used"] = float(torch.unique(pred).numel())
             out["collapsed"] = float(out["clusters_used"] <= 1 or self.last_epoch_clusters_used == 1)

@@ -95,7 +95,7 @@ PER_EPOCH_BY_METHOD = {
 AT_END = {"probe_top1": "max"}
 AT_END_BY_METHOD: dict[str, dict[str, str]] = {
     "relational": {},
-    "gedi": {"nmi": "max", "acc": "max", "ood_auroc_noise": "max", "clusters_used": "max", "collapsed": "min"},
+    "gedi": {"nmi": "max", "ari": "max", "acc": "max", "ood_auroc_noise": "max", "clusters_used": "max", "collapsed": "min"},
 }
 #: What a trial that only drives a TorchTrainer holds: no CPU (its Train workers hold theirs;
 #: even a tiny CPU share would leave a 1-CPU node unable to place its worker) and a memory

@@ -44,7 +44,7 @@ PRIORITY_AXES = (
     "method.projector_width", "backbone.name", "train.lr", "train.batch_size", "train.weight_decay",
     "train.optimizer", "train.schedule", "train.epochs",
 )
-SCORE_METRICS = ("probe_top1", "online_probe_top1", "knn_top1", "nmi", "acc")
+SCORE_METRICS = ("probe_top1", "online_probe_top1", "knn_top1", "nmi", "ari", "acc")
 
 
 class UnknownExperiment(LookupError):
