@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common import write_result
 from rrscale.cli import main as rrscale
 from rrscale.engine.loop import describe_device, pick_device
 
@@ -74,12 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         "reference": "official notebook: 52.33 % (conv4, K=4, BCE, 10+10 epochs, lossless CIFAR-10)",
         "history": summary["history"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
-    path = args.out / f"accuracy-{args.tag}-{tag}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps({k: v for k, v in payload.items() if k != "history"}, indent=2))
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out / f"accuracy-{args.tag}-{tag}.json", payload)
     return 0
 
 

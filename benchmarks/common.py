@@ -1,11 +1,14 @@
-"""What every benchmark script shares: honest step timing, the timed model, the result header."""
+"""What every benchmark script shares: honest step timing, the timed model, the result header and file."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,3 +57,11 @@ def result_header(benchmark: str, device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def write_result(path: Path, payload: dict[str, Any]) -> Path:
+    """Write a result file (its folder made if needed) and say where on stderr."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from common import result_header
+from common import result_header, write_result
 from rrscale.config import ExperimentConfig, load_config
 from rrscale.data.sources import DataBundle, load_data
 from rrscale.engine.clustering import cluster_acc, kmeans, nmi
@@ -152,9 +152,7 @@ def toy_benchmark(datasets: Sequence[str], seeds: Sequence[int], device: torch.d
                           "target_met": summary["target_met"]}), flush=True)
     payload = {**result_header("gedi_toy", device), "seeds": list(seeds), "target_nmi": TOY_TARGET_NMI,
                "extra_overrides": list(extra), "datasets": results}
-    path = out / f"gedi_toy-{tag}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(out / f"gedi_toy-{tag}.json", payload)
     return payload
 
 
@@ -241,10 +239,7 @@ def cifar_run(device: str | torch.device = "auto", epochs: int = 10, *, root: Pa
                "test_images": len(data.probe_test.x), "epochs": epochs, "seed": seed,
                "config": base.training_dict(), "extra_overrides": list(extra), "rows": results, "verdict": verdict}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"gedi_cifar-{dev_name}.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+        write_result(out / f"gedi_cifar-{dev_name}.json", payload)
     return payload
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from common import result_header, timing_method
+from common import result_header, timing_method, write_result
 from rrscale.config import load_config
 from rrscale.data.sources import load_data
 from rrscale.data.views import build_views
@@ -202,11 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {**result_header(f"online_probe_{args.what}", device), "threads": args.threads,
                "machine": "shared (2 CPU cores, other engineers' jobs running)" if device.type == "cpu" else "",
                **body}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"online_probe_{args.what}-{'cuda' if device.type == 'cuda' else 'cpu'}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps({k: v for k, v in payload.items() if k != "runs"}, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out / f"online_probe_{args.what}-{'cuda' if device.type == 'cuda' else 'cpu'}.json", payload)
     return 0
 
 

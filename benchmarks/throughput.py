@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from common import result_header, timed, timing_method
+from common import result_header, timed, timing_method, write_result
 from rrscale.config import ExperimentConfig, load_config
 from rrscale.data.sources import load_data
 from rrscale.data.views import ImageViews
@@ -175,11 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "rows": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
-    path = args.out / f"throughput-{tag}-{args.rows}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out / f"throughput-{tag}-{args.rows}.json", payload)
     return 0
 
 

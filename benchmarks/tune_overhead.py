@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "comparison": ratio,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"tune_overhead-{slug}.json"
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    from common import write_result  # torch and rrscale load only once the trials are measured
+
+    write_result(args.out / f"tune_overhead-{slug}.json", payload)
     return 0
 
 
