@@ -25,7 +25,7 @@ import numbers
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,26 +96,49 @@ def check_writable(path: Path, field: str) -> None:
         raise RunDirError(f"{field}: '{path}': expected a writable folder ({exc.strerror or exc})") from None
 
 
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock; ``holder`` is the pid it recorded ("?" if none)."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"pid {holder}")
+        self.holder = holder
+
+
 @contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    """Hold the run directory's lock for the ``with`` block; :class:`RunDirError` if another has it."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive, non-blocking ``flock`` on ``folder/.rrscale.lock`` for the ``with`` block
+    (run directories and sweep folders); the file says ``pid N`` of the holder. The kernel drops
+    the lock when the process dies, however it dies. :class:`FolderBusy` if another holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         os.close(fd)
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
-            raise RunDirError(f"--out: '{out_dir}': cannot lock the run directory ({exc.strerror})") from None
-        raise RunDirError(f"--out: '{out_dir}' is in use by another rrscale run (pid {holder}); wait for it to "
-                          f"end or choose another --out") from None
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise FolderBusy(text.removeprefix("pid").strip() or "?") from None
+        raise
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+@contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the ``with`` block; :class:`RunDirError` if another has it."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(out_dir))
+        except FolderBusy as exc:
+            raise RunDirError(f"--out: '{out_dir}' is in use by another rrscale run (pid {exc.holder}); wait for "
+                              f"it to end or choose another --out") from None
+        except OSError as exc:
+            raise RunDirError(f"--out: '{out_dir}': cannot lock the run directory ({exc.strerror})") from None
+        yield
 
 
 def prepare_resume(out_dir: Path, epoch: int) -> None:

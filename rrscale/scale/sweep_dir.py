@@ -15,9 +15,8 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import shlex
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from typing import Any
 import yaml
 
 from rrscale.config import ConfigError, ExperimentConfig
-from rrscale.engine.rundir import RunDirError, check_writable
+from rrscale.engine.rundir import FolderBusy, RunDirError, check_writable, folder_lock
 
-LOCK_FILE = ".rrscale.lock"
 EXPERIMENT_FILE = "experiment.yaml"
 
 
@@ -47,30 +45,22 @@ def check_storage(storage: str, source: str) -> None:
 
 
 class SweepLock:
-    """An exclusive, non-blocking lock on the sweep folder (see the module doc)."""
+    """An exclusive, non-blocking lock on the sweep folder (see the module doc): the run
+    directory's :func:`~rrscale.engine.rundir.folder_lock`, raising :class:`SweepBusy`."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK_FILE
-        self._fd: int | None = None
+        self.folder = Path(folder)
+        self._held = ExitStack()
 
     def __enter__(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise SweepBusy(holder) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._fd = fd
+            self._held.enter_context(folder_lock(self.folder))
+        except FolderBusy as exc:
+            raise SweepBusy(str(exc)) from None
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._held.close()
 
 
 def resume_target(path: Path) -> Path:
